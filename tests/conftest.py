@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer (unit tests) and the
+real packaged SmolLM2 (integration tests, session-scoped so it loads once)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    from mci_interp.models import model_dir
+
+    return model_dir("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smol_dir) -> Path:
+    """A random 2-layer Llama (hidden 64) saved as an HF dir, with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    hf.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def tiny_model(tiny_dir):
+    """A fresh tiny HookedModel per test (tests may edit weights)."""
+    from mci_interp.models import load_model
+
+    return load_model(str(tiny_dir))
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The real SmolLM2-135M-Instruct, loaded once per session. Do not edit its weights."""
+    from mci_interp.models import load_model
+
+    return load_model("smollm2-135m-instruct")
