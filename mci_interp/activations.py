@@ -300,7 +300,7 @@ def cache_to_disk(
         tensors["row_example"] = (torch.repeat_interleave(torch.arange(hi - lo), counts) + lo).contiguous()
         tensors["labels"] = labels[lo:hi].contiguous()
         with atomic_path(shard) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": _FORMAT, "shard": str(k)})
+            save_file(tensors, str(tmp), metadata={"format": _FORMAT})  # one key: safetensors orders metadata randomly
         bar.update(1)
     bar.close()
     write_json(out_dir / "groups.json", [ex.group for ex in examples])
