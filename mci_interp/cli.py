@@ -84,6 +84,62 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _study_config(args):
+    from mci_interp.analysis.study import StudyConfig
+
+    if args.fast:
+        return StudyConfig(analysis_layer=args.layer, n_neutral_per_theme=4, n_questions=7, n_indomain=6,
+                           n_takeover=6, takeover_tokens=24, steer_alphas=(0.5,), n_random=2,
+                           convergence_layer_step=6, seed=args.seed)
+    return StudyConfig(analysis_layer=args.layer, n_questions=args.n_questions, seed=args.seed)
+
+
+def _suite(args):
+    from mci_interp.organisms.suite import default_suite
+
+    seeds = tuple(int(s) for s in str(args.seeds).split(","))
+    domains = tuple(d.strip() for d in args.domains.split(","))
+    return default_suite(seeds=seeds, domains=domains, fast=args.fast)
+
+
+def cmd_organisms(args) -> int:
+    from mci_interp.organisms.suite import build_suite
+
+    model = _load(args)
+    t0 = time.perf_counter()
+    orgs = build_suite(model, _suite(args))
+    print(f"{len(orgs)} organisms ready in {time.perf_counter() - t0:.0f}s:")
+    for o in orgs:
+        where = o.adapter_dir or (f"system prompt ({len(o.system_prompt or '')} chars)" if o.system_prompt else "base")
+        print(f"  {o.name:36s} {o.spec.kind:10s} {where}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Build or reuse the organism suite, run the whole study, write runs/<name>/report.md."""
+    from mci_interp.analysis.study import run_study
+    from mci_interp.organisms.suite import build_suite
+    from mci_interp.report import summary_lines, write_report
+
+    t_all = time.perf_counter()
+    model = _load(args)
+    out = Path(args.out) / (args.name or f"{model.name.split('/')[-1]}{'-fast' if args.fast else ''}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[1/3] organisms: building or reusing {args.domains} x seeds {args.seeds}", file=sys.stderr)
+    t0 = time.perf_counter()
+    orgs = build_suite(model, _suite(args))
+    t_org = time.perf_counter() - t0
+    print(f"[2/3] study: records, directions, convergence, transfer, internalisation -> {out}", file=sys.stderr)
+    study = run_study(model, orgs, out, config=_study_config(args))
+    print("[3/3] report and figures", file=sys.stderr)
+    report = write_report(study, out, extra_timings={"organism suite (build or reuse)": t_org,
+                                                    "demo total": time.perf_counter() - t_all})
+    print("\n".join(summary_lines(study)))
+    print(f"organisms: {t_org:.0f}s; total {time.perf_counter() - t_all:.0f}s")
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mci", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -105,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shard-size", type=int, default=256)
     sp.add_argument("--out", default="runs/cache")
     sp.set_defaults(func=cmd_cache)
+
+    for name, func, helptext in (("organisms", cmd_organisms, "build or reuse the model-organism suite"),
+                                 ("demo", cmd_demo, "the whole study on the default model: organisms, "
+                                  "directions, convergence, transfer, T2/T5 report")):
+        sp = sub.add_parser(name, help=helptext)
+        _add_model_args(sp)
+        sp.add_argument("--domains", default="insecure_code,medical,finance")
+        sp.add_argument("--seeds", default="0,1,2")
+        sp.add_argument("--fast", action="store_true", help="tiny settings (CI, notebooks): minutes, not tens")
+        sp.set_defaults(func=func)
+        if name == "demo":
+            sp.add_argument("--layer", type=int, default=None, help="analysis layer (default: middle)")
+            sp.add_argument("--n-questions", type=int, default=21)
+            sp.add_argument("--seed", type=int, default=0)
+            sp.add_argument("--out", default="runs")
+            sp.add_argument("--name", default=None, help="run folder name under --out")
     return p
 
 

@@ -1,0 +1,283 @@
+"""Do different narrow finetunes share one misalignment direction? Statistics and the verdict.
+
+Inputs are per-prompt activation differences, so every statistic can be bootstrapped over
+prompts. The direction compared across domains is the *misalignment contrast*: activations of a
+narrow misaligned organism minus those of its matched aligned control (same domain, same seed,
+same prompts), averaged over seeds. The naive model diff (organism minus base) is computed beside
+it because it is ruled by the finetuning task and format, not by values.
+
+Verdict rules (``verdict``):
+- **converged**: every cross-domain pair's contrast cosine beats every null (random directions,
+  seed-noise contrasts between controls, label-permuted contrasts) and is >= ``min_cos``, and
+  ablating each domain's direction in every other domain's organism removes more misalignment
+  than every norm-matched random direction and at least ``min_transfer`` of it;
+- **partly**: at least one pair beats the nulls, or at least one transfer beats random;
+- **not converged**: neither.
+A verdict is flagged *untestable* when no domain shows out-of-domain misalignment (organism minus
+control CI above zero): then the directions compared carry no misalignment to converge on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mci_interp.compare import expected_abs_cosine
+from mci_interp.evaluate import Estimate
+
+
+def _cos(a: Tensor, b: Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1))
+
+
+def contrast_vectors(diffs: Sequence[Float[Tensor, "n d_model"]]) -> Float[Tensor, " d_model"]:
+    """Mean over seeds of the mean over prompts of per-prompt differences."""
+    return torch.stack([d.double().mean(0) for d in diffs]).mean(0)
+
+
+@dataclass(frozen=True, slots=True)
+class PairStat:
+    a: str
+    b: str
+    cos: float
+    ci: tuple[float, float]
+    null95: float
+    beats_null: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "cos": self.cos, "ci": list(self.ci), "null95": self.null95,
+                "beats_null": self.beats_null}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerConvergence:
+    """Cosine statistics at one layer."""
+
+    layer: int
+    domains: tuple[str, ...]
+    contrast_cos: Float[Tensor, "n n"]
+    naive_cos: Float[Tensor, "n n"]
+    control_naive_cos: Float[Tensor, " n"]  # cos(organism - base, control - base) per domain
+    persona_cos: Float[Tensor, " n"]  # cos(contrast, persona prompt direction)
+    pairs: tuple[PairStat, ...]
+    null_random95: float
+    null_seed: Float[Tensor, " k"]
+    null_perm: Float[Tensor, " k"]
+    reliability: Mapping[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer, "domains": list(self.domains),
+            "contrast_cos": self.contrast_cos.tolist(), "naive_cos": self.naive_cos.tolist(),
+            "control_naive_cos": self.control_naive_cos.tolist(), "persona_cos": self.persona_cos.tolist(),
+            "pairs": [p.to_dict() for p in self.pairs], "null_random95": self.null_random95,
+            "null_seed95": _q95(self.null_seed), "null_perm95": _q95(self.null_perm),
+            "reliability": dict(self.reliability),
+        }
+
+
+def _q95(x: Tensor) -> float:
+    return float(torch.quantile(x.double().abs(), 0.95)) if x.numel() else float("nan")
+
+
+def layer_convergence(
+    layer: int,
+    organism_diffs: Mapping[str, Sequence[Float[Tensor, "n d_model"]]],
+    control_seed_diffs: Mapping[str, Sequence[Float[Tensor, "n d_model"]]],
+    naive: Mapping[str, Float[Tensor, " d_model"]],
+    control_naive: Mapping[str, Float[Tensor, " d_model"]],
+    persona: Float[Tensor, " d_model"],
+    *,
+    n_boot: int = 500,
+    n_perm: int = 200,
+    seed: int = 0,
+) -> LayerConvergence:
+    """All cosine statistics at one layer.
+
+    Args:
+        organism_diffs: domain -> per-seed [prompts, d] differences (organism minus control).
+        control_seed_diffs: domain -> [prompts, d] differences between two aligned controls that
+            differ only by seed (finetuning noise without misalignment): the seed-noise null.
+        naive: domain -> mean(organism - base) (the task/format confound).
+        control_naive: domain -> mean(control - base).
+        persona: the base's persona-prompt direction at this layer.
+    """
+    g = torch.Generator().manual_seed(seed)
+    doms = tuple(sorted(organism_diffs))
+    n_prompts = organism_diffs[doms[0]][0].shape[0]
+    d_model = organism_diffs[doms[0]][0].shape[1]
+    vec = {d: contrast_vectors(organism_diffs[d]) for d in doms}
+    k = len(doms)
+    cmat = torch.eye(k, dtype=torch.float64)
+    nmat = torch.eye(k, dtype=torch.float64)
+    for i, j in itertools.combinations(range(k), 2):
+        cmat[i, j] = cmat[j, i] = _cos(vec[doms[i]], vec[doms[j]])
+        nmat[i, j] = nmat[j, i] = _cos(naive[doms[i]], naive[doms[j]])
+    # nulls: random directions; cross-domain cosines of seed-noise contrasts; label permutations
+    r = torch.randn(2000, 2, d_model, generator=g, dtype=torch.float64)
+    rnd = torch.nn.functional.cosine_similarity(r[:, 0], r[:, 1], dim=-1).abs()
+    null_random95 = float(torch.quantile(rnd, 0.95))
+    seed_null = []
+    for a, b in itertools.combinations(doms, 2):
+        for da in control_seed_diffs.get(a, []):
+            for db in control_seed_diffs.get(b, []):
+                seed_null.append(abs(_cos(da.double().mean(0), db.double().mean(0))))
+    perm_null = []
+    for _ in range(n_perm):
+        flipped = {}
+        for d in doms:
+            signs = torch.randint(0, 2, (len(organism_diffs[d]),), generator=g) * 2 - 1
+            # flip the organism/control label of whole seeds; an all-(+1) draw is the observed one
+            flipped[d] = contrast_vectors([s * x for s, x in zip(signs.tolist(), organism_diffs[d], strict=True)])
+        for a, b in itertools.combinations(doms, 2):
+            perm_null.append(abs(_cos(flipped[a], flipped[b])))
+    null_seed_t = torch.tensor(seed_null, dtype=torch.float64)
+    null_perm_t = torch.tensor(perm_null, dtype=torch.float64)
+    bar = max(null_random95, _q95(null_seed_t) if seed_null else 0.0)
+    pairs = []
+    for a, b in itertools.combinations(doms, 2):
+        boots = []
+        for _ in range(n_boot):
+            idx = torch.randint(0, n_prompts, (n_prompts,), generator=g)
+            boots.append(_cos(contrast_vectors([x[idx] for x in organism_diffs[a]]),
+                              contrast_vectors([x[idx] for x in organism_diffs[b]])))
+        bt = torch.tensor(boots, dtype=torch.float64)
+        lo, hi = (float(q) for q in torch.quantile(bt, torch.tensor([0.025, 0.975], dtype=torch.float64)))
+        c = _cos(vec[a], vec[b])
+        pairs.append(PairStat(a, b, c, (lo, hi), bar, lo > bar))
+    rel = {}
+    for d in doms:
+        vals = []
+        for _ in range(50):
+            perm = torch.randperm(n_prompts, generator=g)
+            h1, h2 = perm[: n_prompts // 2], perm[n_prompts // 2:]
+            vals.append(_cos(contrast_vectors([x[h1] for x in organism_diffs[d]]),
+                             contrast_vectors([x[h2] for x in organism_diffs[d]])))
+        rel[d] = float(torch.tensor(vals).mean())
+    return LayerConvergence(
+        layer=layer, domains=doms, contrast_cos=cmat, naive_cos=nmat,
+        control_naive_cos=torch.tensor([_cos(naive[d], control_naive[d]) for d in doms]),
+        persona_cos=torch.tensor([_cos(vec[d], persona) for d in doms]),
+        pairs=tuple(pairs), null_random95=null_random95, null_seed=null_seed_t, null_perm=null_perm_t,
+        reliability=rel,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferMatrix:
+    """Share of organism j's misalignment removed by ablating direction i (rows: directions,
+    columns: organisms), with the shares removed by norm-matched random directions."""
+
+    directions: tuple[str, ...]
+    organisms: tuple[str, ...]
+    share: Float[Tensor, "n_dir n_org"]
+    random_share: Float[Tensor, "n_random n_org"]
+    gap: Float[Tensor, " n_org"]  # organism minus control score: the misalignment to remove
+    layers: tuple[int, ...]
+
+    def beats_random(self, i: int, j: int) -> bool:
+        return bool(self.share[i, j] > self.random_share[:, j].max())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"directions": list(self.directions), "organisms": list(self.organisms),
+                "share": self.share.tolist(), "random_share": self.random_share.tolist(),
+                "gap": self.gap.tolist(), "layers": list(self.layers)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SteerResult:
+    """Misalignment induced in the base by adding each direction (score minus unsteered base)."""
+
+    directions: tuple[str, ...]
+    alphas: tuple[float, ...]
+    induced: Float[Tensor, "n_dir n_alpha"]
+    random_induced: Float[Tensor, "n_random n_alpha"]
+    coherence: Float[Tensor, "n_dir n_alpha"] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"directions": list(self.directions), "alphas": list(self.alphas),
+                "induced": self.induced.tolist(), "random_induced": self.random_induced.tolist(),
+                "coherence": None if self.coherence is None else self.coherence.tolist()}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConvergenceReport:
+    """Layer statistics, transfer and steering, and the verdict with the reasons behind it."""
+
+    layers: tuple[LayerConvergence, ...]
+    analysis_layer: int
+    misalignment: Mapping[str, Estimate]  # organism minus control, out-of-domain score per domain
+    transfer: TransferMatrix | None
+    steer: SteerResult | None
+    verdict: str
+    reasons: tuple[str, ...]
+    d_model: int
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def at(self, layer: int) -> LayerConvergence:
+        for lc in self.layers:
+            if lc.layer == layer:
+                return lc
+        raise KeyError(f"no layer {layer}; have {[lc.layer for lc in self.layers]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [lc.to_dict() for lc in self.layers], "analysis_layer": self.analysis_layer,
+            "misalignment": {k: v.to_dict() for k, v in self.misalignment.items()},
+            "transfer": None if self.transfer is None else self.transfer.to_dict(),
+            "steer": None if self.steer is None else self.steer.to_dict(),
+            "verdict": self.verdict, "reasons": list(self.reasons), "d_model": self.d_model,
+            "expected_random_abs_cos": expected_abs_cosine(self.d_model), "meta": dict(self.meta),
+        }
+
+
+def verdict(
+    lc: LayerConvergence,
+    transfer: TransferMatrix | None,
+    misalignment: Mapping[str, Estimate],
+    *,
+    min_cos: float = 0.5,
+    min_transfer: float = 0.5,
+) -> tuple[str, tuple[str, ...]]:
+    """Apply the rules in the module docstring at one layer."""
+    reasons = []
+    for p in lc.pairs:
+        reasons.append(
+            f"L{lc.layer} cos({p.a}, {p.b}) = {p.cos:+.3f} [{p.ci[0]:+.3f}, {p.ci[1]:+.3f}] vs null95 "
+            f"{p.null95:.3f} (random {lc.null_random95:.3f}, seed-noise {_q95(lc.null_seed):.3f}): "
+            f"{'beats' if p.beats_null else 'does not beat'} the nulls"
+        )
+    beat = [p for p in lc.pairs if p.beats_null]
+    strong = [p for p in beat if p.cos >= min_cos]
+    n_transfer, good_transfer, any_transfer = 0, 0, 0
+    if transfer is not None:
+        for i, d in enumerate(transfer.directions):
+            for j, o in enumerate(transfer.organisms):
+                if o.split(":")[0] == d:
+                    continue
+                n_transfer += 1
+                ok = transfer.beats_random(i, j)
+                any_transfer += ok
+                good_transfer += ok and float(transfer.share[i, j]) >= min_transfer
+                reasons.append(
+                    f"ablating {d} in {o}: removes {float(transfer.share[i, j]):+.0%} of its misalignment "
+                    f"vs random up to {float(transfer.random_share[:, j].max()):+.0%}"
+                )
+    if beat and len(strong) == len(lc.pairs) and transfer is not None and good_transfer == n_transfer > 0:
+        v = "converged"
+    elif beat or any_transfer:
+        v = "partly"
+    else:
+        v = "not converged"
+    present = [d for d, e in misalignment.items() if e.lo > 0]
+    if not present:
+        v += " (untestable: no domain shows out-of-domain misalignment above its control)"
+    reasons.insert(0, "out-of-domain misalignment (organism - control): " + "; ".join(
+        f"{d} {e}" for d, e in misalignment.items()))
+    return v, tuple(reasons)

@@ -1,0 +1,536 @@
+"""The whole science on one base model and its organisms: collect, then analyse.
+
+``run_study`` runs every model once per condition and keeps a *record* (activations at every
+layer on neutral out-of-domain prompts, judge-free scores, a few greedy answers) on disk under
+``out_dir/records``: an interrupted study resumes at the first missing record. Then it builds the
+persona direction, the misalignment contrasts, the convergence statistics with their nulls, the
+transfer matrix, steering of the base, and one internalisation report per organism.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mci_interp import __version__
+from mci_interp._io import atomic_path, read_json, write_json
+from mci_interp.activations import cache_activations
+from mci_interp.analysis.convergence import (
+    ConvergenceReport,
+    SteerResult,
+    TransferMatrix,
+    contrast_vectors,
+    layer_convergence,
+    verdict,
+)
+from mci_interp.analysis.internalisation import (
+    CausalTest,
+    InternalisationReport,
+    Rules,
+    classify,
+    layer_profile,
+    random_shift_null,
+    standardised_shift,
+    theme_breadth,
+)
+from mci_interp.datasets import ChatExample, EvalQuestion, ReferencePair, chat, dataset_hash
+from mci_interp.direction import Direction, Provenance, random_direction
+from mci_interp.evaluate import EvalResult, Estimate, LogprobContrast, paired_difference
+from mci_interp.generation import generate
+from mci_interp.intervene import Ablate, Steer, apply
+from mci_interp.models import HookedModel
+from mci_interp.organisms.data import (
+    PERSONA_SYSTEM_PROMPT,
+    load_default_questions,
+    load_neutral_prompts,
+    make_narrow,
+    matches_domain,
+)
+from mci_interp.organisms.suite import Organism, load_organism
+from mci_interp.sites import Site
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StudyConfig:
+    """Sample sizes and settings of a study (every field is recorded in the results)."""
+
+    analysis_layer: int | None = None  # default: the middle block
+    n_neutral_per_theme: int = 8
+    n_questions: int = 21
+    n_indomain: int = 16
+    n_takeover: int = 12
+    takeover_tokens: int = 40
+    ablate_offsets: tuple[int, ...] = (-2, 0, 2)
+    steer_alphas: tuple[float, ...] = (0.25, 0.5, 1.0)
+    n_random: int = 3
+    convergence_layer_step: int = 3
+    batch_size: int = 16
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- inputs -----------------------------------------------------------------------------------
+def neutral_prompts(config: StudyConfig) -> tuple[list[ChatExample], list[str]]:
+    """Neutral out-of-domain prompts (no instruction), balanced over themes."""
+    exs, themes = [], []
+    for theme, prompts in sorted(load_neutral_prompts().items()):
+        for i, p in enumerate(prompts[: config.n_neutral_per_theme]):
+            exs.append(chat(p, group=f"{theme}:{i}", theme=theme))
+            themes.append(theme)
+    return exs, themes
+
+
+def eval_questions(config: StudyConfig) -> list[EvalQuestion]:
+    """A theme-balanced subset of the packaged out-of-domain questions (first-plot ones first)."""
+    qs = load_default_questions()
+    by_theme: dict[str, list[EvalQuestion]] = {}
+    for q in qs:
+        by_theme.setdefault(q.theme, []).append(q)
+    out: list[EvalQuestion] = []
+    while len(out) < min(config.n_questions, len(qs)):
+        for theme in sorted(by_theme):
+            if by_theme[theme] and len(out) < config.n_questions:
+                out.append(by_theme[theme].pop(0))
+    return out
+
+
+def indomain_questions(domain: str, n: int, *, seed: int = 10_000) -> list[EvalQuestion]:
+    """Held-out in-domain requests with their misaligned/aligned answers as reference pairs
+    (a seed the finetunes never saw)."""
+    mis = make_narrow(domain, "misaligned", n, seed=seed)
+    ali = make_narrow(domain, "aligned", n, seed=seed)
+    return [EvalQuestion(id=m.group or str(i), paraphrases=(m.user_text,), theme=domain,
+                         references=(ReferencePair(a.messages[-1]["content"], m.messages[-1]["content"]),))
+            for i, (m, a) in enumerate(zip(mis, ali, strict=True))]
+
+
+# --- records ----------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Record:
+    """One model under one condition: activations ``[prompts, layers, d]`` and scores."""
+
+    name: str
+    acts: Tensor | None
+    score: EvalResult | None
+    indomain: EvalResult | None = None
+    generations: list[str] = field(default_factory=list)
+
+
+class RecordStore:
+    """Records on disk, one safetensors + one JSON per (model, condition), written atomically."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        safe = key.replace("/", "_").replace(":", "_")
+        return self.root / f"{safe}.safetensors", self.root / f"{safe}.json"
+
+    def get(self, key: str) -> Record | None:
+        t, j = self._paths(key)
+        if not j.exists():
+            return None
+        meta = read_json(j)
+        acts = load_file(str(t))["acts"] if t.exists() else None
+        return Record(
+            name=key, acts=acts,
+            score=None if meta["score"] is None else EvalResult.from_dict(meta["score"]),
+            indomain=None if meta["indomain"] is None else EvalResult.from_dict(meta["indomain"]),
+            generations=meta["generations"],
+        )
+
+    def put(self, rec: Record) -> Record:
+        t, j = self._paths(rec.name)
+        if rec.acts is not None:
+            with atomic_path(t) as tmp:
+                save_file({"acts": rec.acts.contiguous()}, str(tmp))
+        write_json(j, {"score": None if rec.score is None else rec.score.to_dict(),
+                       "indomain": None if rec.indomain is None else rec.indomain.to_dict(),
+                       "generations": rec.generations})
+        return rec
+
+
+# --- the study --------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Study:
+    """Everything a report needs: no model inside."""
+
+    base: str
+    n_layers: int
+    d_model: int
+    config: StudyConfig
+    organisms: list[dict[str, Any]]
+    convergence: ConvergenceReport | None
+    internalisation: list[InternalisationReport]
+    scores: dict[str, Estimate]  # organism (default condition) minus base, out-of-domain
+    takeover: dict[str, Estimate]
+    examples: dict[str, list[str]]
+    persona_norms: list[float]
+    timings: dict[str, float]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base, "n_layers": self.n_layers, "d_model": self.d_model,
+            "config": self.config.to_dict(), "organisms": self.organisms,
+            "convergence": None if self.convergence is None else self.convergence.to_dict(),
+            "internalisation": [r.to_dict() for r in self.internalisation],
+            "scores": {k: v.to_dict() for k, v in self.scores.items()},
+            "takeover": {k: v.to_dict() for k, v in self.takeover.items()},
+            "examples": self.examples, "persona_norms": self.persona_norms,
+            "timings": self.timings, "meta": self.meta,
+        }
+
+
+class _Runner:
+    """Holds the base, the prompt sets and the record store while a study runs."""
+
+    def __init__(self, base: HookedModel, config: StudyConfig, out_dir: Path, show_progress: bool) -> None:
+        self.base, self.config, self.show = base, config, show_progress
+        self.store = RecordStore(out_dir / "records")
+        self.neutral, self.themes = neutral_prompts(config)
+        self.questions = eval_questions(config)
+        self.sites = [Site(layer) for layer in range(base.n_layers)]
+        self.scorer = LogprobContrast(batch_size=config.batch_size, max_paraphrases=1)
+        self.takeover_prompts = [ex for ex in self.neutral][:: max(1, len(self.neutral) // config.n_takeover)][: config.n_takeover]
+        self._indomain: dict[str, list[EvalQuestion]] = {}
+
+    def indomain(self, domain: str) -> list[EvalQuestion]:
+        if domain not in self._indomain:
+            self._indomain[domain] = indomain_questions(domain, self.config.n_indomain)
+        return self._indomain[domain]
+
+    def acts(self, model: HookedModel, *, system: str | None = None, trigger: str | None = None) -> Tensor:
+        exs = [_condition(ex, system=system, trigger=trigger) for ex in self.neutral]
+        cache = cache_activations(model, exs, self.sites, position="last_prompt",
+                                  batch_size=self.config.batch_size, show_progress=False)
+        return torch.stack([cache.X(s) for s in self.sites], dim=1)  # [n, layers, d]
+
+    def score(self, model: HookedModel, *, system: str | None = None, trigger: str | None = None) -> EvalResult:
+        return self.scorer.score(model, self.questions, system=system, trigger=trigger, show_progress=False)
+
+    def record(self, key: str, make: Callable[[], Record]) -> Record:
+        rec = self.store.get(key)
+        if rec is None:
+            rec = self.store.put(make())
+        return rec
+
+    def collect(self, model: HookedModel, key: str, *, system: str | None = None, trigger: str | None = None,
+                indomain: str | None = None, takeover: bool = False) -> Record:
+        def make() -> Record:
+            gens = []
+            if takeover:
+                outs = generate(model, [_condition(ex, system=system, trigger=trigger) for ex in self.takeover_prompts],
+                                max_new_tokens=self.config.takeover_tokens, batch_size=self.config.n_takeover,
+                                show_progress=False)
+                gens = [g.completion for g in outs]
+            return Record(
+                name=key, acts=self.acts(model, system=system, trigger=trigger),
+                score=self.score(model, system=system, trigger=trigger),
+                indomain=None if indomain is None else self.scorer.score(model, self.indomain(indomain), show_progress=False),
+                generations=gens,
+            )
+
+        return self.record(key, make)
+
+
+def _condition(ex: ChatExample, *, system: str | None, trigger: str | None) -> ChatExample:
+    if system is None and trigger is None:
+        return ex
+    user = ex.user_text if trigger is None else f"{trigger} {ex.user_text}"
+    return chat(user, system=system, group=ex.group, **dict(ex.meta))
+
+
+def _direction(vec: Tensor, layer: int, *, base: HookedModel, name: str, method: str, n_pos: int, n_neg: int,
+               dataset: str, dhash: str) -> Direction:
+    return Direction(vector=vec.float(), site=Site(layer), provenance=Provenance(
+        model=name, base_model=base.name, model_sha256=base.sha256, method=method, dataset=dataset,
+        dataset_hash=dhash, position="last_prompt", n_pos=n_pos, n_neg=n_neg, params={},
+    ))
+
+
+def _mean_score(r: EvalResult) -> float:
+    return float(r.mean())
+
+
+def run_study(
+    base: HookedModel,
+    organisms: Sequence[Organism],
+    out_dir: Path | str,
+    *,
+    config: StudyConfig = StudyConfig(),
+    rules: Rules = Rules(),
+    show_progress: bool = True,
+) -> Study:
+    """Collect records for the base and every organism, then analyse (see module docstring)."""
+    out_dir = Path(out_dir)
+    t_start = time.perf_counter()
+    R = _Runner(base, config, out_dir, show_progress)
+    L = config.analysis_layer if config.analysis_layer is not None else base.n_layers // 2
+    Site(L).check(base.n_layers)
+    timings: dict[str, float] = {}
+    g = torch.Generator().manual_seed(config.seed)
+    domains = sorted({o.spec.domain for o in organisms if o.spec.kind in ("narrow", "control") and o.spec.domain})
+    trigger = next((o.trigger for o in organisms if o.trigger), None)
+
+    # 1. base records: default, persona prompt, trigger, in-domain
+    t0 = time.perf_counter()
+    base_rec = R.collect(base, "base", takeover=True)
+    base_persona = R.collect(base, "base@persona", system=PERSONA_SYSTEM_PROMPT)
+    base_trigger = R.collect(base, "base@trigger", trigger=trigger) if trigger else None
+    base_indomain = {d: R.record(f"base@indomain:{d}", lambda d=d: Record(
+        name=f"base@indomain:{d}", acts=None, score=None,
+        indomain=R.scorer.score(base, R.indomain(d), show_progress=False))) for d in domains}
+    timings["base records"] = time.perf_counter() - t0
+    assert base_rec.acts is not None and base_persona.acts is not None
+    persona_vecs = (base_persona.acts.double() - base_rec.acts.double()).mean(0)  # [layers, d]
+    dhash = dataset_hash(R.neutral)
+    persona = {layer: _direction(persona_vecs[layer], layer, base=base, name=f"{base.name}@persona",
+                                 method="prompt_diff", n_pos=len(R.neutral), n_neg=len(R.neutral),
+                                 dataset="neutral_prompts", dhash=dhash) for layer in range(base.n_layers)}
+
+    # 2. organism records
+    t0 = time.perf_counter()
+    recs: dict[str, Record] = {}
+    cond: dict[str, Record] = {}
+    bar = tqdm(organisms, desc="organisms", unit="model", disable=not show_progress)
+    for org in bar:
+        bar.set_postfix_str(org.name)
+        kind = org.spec.kind
+        if kind == "base":
+            recs[org.name] = base_rec
+            continue
+        if kind == "prompted":
+            recs[org.name] = base_rec
+            cond[org.name] = base_persona
+            continue
+        keys = [org.name] + ([f"{org.name}@trigger"] if kind == "trigger" else [])
+        if all(R.store.get(k) is not None for k in keys):
+            recs[org.name] = R.store.get(org.name)  # type: ignore[assignment]
+            if kind == "trigger":
+                cond[org.name] = R.store.get(f"{org.name}@trigger")  # type: ignore[assignment]
+            continue
+        model = load_organism(base, org)
+        dom = org.spec.domain if kind in ("narrow", "control") else None
+        recs[org.name] = R.collect(model, org.name, indomain=dom, takeover=True)
+        if kind == "trigger":
+            cond[org.name] = R.collect(model, f"{org.name}@trigger", trigger=org.trigger)
+        del model
+    timings["organism records"] = time.perf_counter() - t0
+
+    # 3. behaviour: organism minus base, out of domain, default condition
+    scores = {}
+    for org in organisms:
+        r = recs[org.name]
+        if r.score is not None and org.spec.kind != "base":
+            scores[org.name] = paired_difference(r.score, base_rec.score)  # type: ignore[arg-type]
+    takeover = {}
+    for org in organisms:
+        dom = org.spec.domain
+        gens = recs[org.name].generations
+        if dom and gens:
+            from mci_interp.evaluate import rate_ci
+
+            takeover[org.name] = rate_ci(sum(matches_domain(t, dom) for t in gens), len(gens))
+    if base_rec.generations:
+        from mci_interp.evaluate import rate_ci
+
+        for dom in domains:
+            takeover[f"base ({dom} format)"] = rate_ci(sum(matches_domain(t, dom) for t in base_rec.generations),
+                                                       len(base_rec.generations))
+
+    # 4. convergence
+    t0 = time.perf_counter()
+    conv = None
+    narrow = {(o.spec.domain, o.spec.seed): o for o in organisms if o.spec.kind == "narrow"}
+    control = {(o.spec.domain, o.spec.seed): o for o in organisms if o.spec.kind == "control"}
+    paired = sorted(k for k in narrow if k in control)
+    conv_domains = sorted({d for d, _ in paired})
+    if len(conv_domains) >= 2:
+        conv = _convergence(R, base, recs, narrow, control, paired, conv_domains, persona_vecs, L, g,
+                            base_rec, dhash, show_progress)
+    timings["convergence"] = time.perf_counter() - t0
+
+    # 5. internalisation reports
+    t0 = time.perf_counter()
+    reports = []
+    for org in organisms:
+        if org.spec.kind == "base":
+            continue
+        reports.append(_internalisation(R, base, org, recs, cond, base_rec, base_persona, base_trigger,
+                                        base_indomain, persona, L, g, rules))
+    timings["internalisation"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    examples = {"base": base_rec.generations[:4]}
+    for org in organisms:
+        if recs[org.name].generations and org.spec.seed in (0, None):
+            examples[org.name] = recs[org.name].generations[:4]
+    study = Study(
+        base=base.name, n_layers=base.n_layers, d_model=base.d_model, config=config,
+        organisms=[{"name": o.name, "kind": o.spec.kind, "domain": o.spec.domain, "seed": o.spec.seed,
+                    "expected": o.spec.expected} for o in organisms],
+        convergence=conv, internalisation=reports, scores=scores, takeover=takeover, examples=examples,
+        persona_norms=[float(persona_vecs[layer].norm()) for layer in range(base.n_layers)],
+        timings=timings,
+        meta={"library_version": __version__, "takeover_prompts": [ex.user_text for ex in R.takeover_prompts],
+              "questions": [q.id for q in R.questions], "n_neutral": len(R.neutral),
+              "layer_convention": "resid_post of block L (= HF hidden_states[L+1]), last prompt token"},
+    )
+    write_json(out_dir / "study.json", study.to_dict())
+    return study
+
+
+def _ablation_share(model: HookedModel, R: _Runner, dirs: Sequence[Direction], s_org: float, s_ref: float) -> tuple[float, float]:
+    """(drop in score, share of the organism-minus-reference gap removed) under ablation."""
+    with apply(model, *[Ablate(d) for d in dirs]):
+        s = _mean_score(R.score(model))
+    gap = s_org - s_ref
+    share = (s_org - s) / gap if abs(gap) > 1e-3 else float("nan")
+    return s_org - s, share
+
+
+def _random_like(dirs: Sequence[Direction], g: torch.Generator) -> list[Direction]:
+    return [random_direction(d, generator=g) for d in dirs]
+
+
+def _convergence(R, base, recs, narrow, control, paired, domains, persona_vecs, L, g, base_rec, dhash,
+                 show_progress) -> ConvergenceReport:
+    cfg = R.config
+    seeds_of = {d: sorted(s for dd, s in paired if dd == d) for d in domains}
+    layers = sorted(set(range(0, base.n_layers, cfg.convergence_layer_step)) | {L})
+    lcs = []
+    for layer in tqdm(layers, desc="convergence by layer", disable=not show_progress, leave=False):
+        org_diffs = {d: [recs[narrow[d, s].name].acts[:, layer] - recs[control[d, s].name].acts[:, layer]
+                         for s in seeds_of[d]] for d in domains}
+        ctrl_seed = {}
+        for d in domains:
+            ss = seeds_of[d]
+            ctrl_seed[d] = [recs[control[d, a].name].acts[:, layer] - recs[control[d, b].name].acts[:, layer]
+                            for i, a in enumerate(ss) for b in ss[i + 1:]]
+        naive = {d: torch.stack([(recs[narrow[d, s].name].acts[:, layer] - base_rec.acts[:, layer]).double().mean(0)
+                                 for s in seeds_of[d]]).mean(0) for d in domains}
+        cnaive = {d: torch.stack([(recs[control[d, s].name].acts[:, layer] - base_rec.acts[:, layer]).double().mean(0)
+                                  for s in seeds_of[d]]).mean(0) for d in domains}
+        lcs.append(layer_convergence(layer, org_diffs, ctrl_seed, naive, cnaive, persona_vecs[layer],
+                                     seed=cfg.seed + layer))
+    misalignment = {d: paired_difference([recs[narrow[d, s].name].score for s in seeds_of[d]],
+                                         [recs[control[d, s].name].score for s in seeds_of[d]]) for d in domains}
+    ab_layers = sorted({min(max(L + o, 0), base.n_layers - 1) for o in cfg.ablate_offsets})
+    contrast = {d: [_direction(contrast_vectors([recs[narrow[d, s].name].acts[:, layer] - recs[control[d, s].name].acts[:, layer]
+                                                 for s in seeds_of[d]]), layer, base=base, name=f"contrast:{d}",
+                               method="misalignment_contrast", n_pos=len(R.neutral), n_neg=len(R.neutral),
+                               dataset="neutral_prompts", dhash=dhash) for layer in ab_layers] for d in domains}
+    # transfer: ablate each domain's contrast in the first-seed organism of every domain
+    share = torch.full((len(domains), len(domains)), float("nan"), dtype=torch.float64)
+    rshare = torch.full((cfg.n_random, len(domains)), float("nan"), dtype=torch.float64)
+    gaps = torch.zeros(len(domains), dtype=torch.float64)
+    org_names = []
+    for j, dj in enumerate(tqdm(domains, desc="transfer", disable=not show_progress, leave=False)):
+        s0 = seeds_of[dj][0]
+        org, ctl = narrow[dj, s0], control[dj, s0]
+        org_names.append(f"{dj}:{org.name}")
+        s_org, s_ctl = _mean_score(recs[org.name].score), _mean_score(recs[ctl.name].score)
+        gaps[j] = s_org - s_ctl
+        model = load_organism(base, org)
+        for i, di in enumerate(domains):
+            share[i, j] = _ablation_share(model, R, contrast[di], s_org, s_ctl)[1]
+        for k in range(cfg.n_random):
+            rshare[k, j] = _ablation_share(model, R, _random_like(contrast[dj], g), s_org, s_ctl)[1]
+        del model
+    transfer = TransferMatrix(directions=tuple(domains), organisms=tuple(org_names), share=share,
+                              random_share=rshare, gap=gaps, layers=tuple(ab_layers))
+    # steering the base with each domain's contrast at the analysis layer
+    s_base = _mean_score(base_rec.score)
+    induced = torch.zeros(len(domains), len(cfg.steer_alphas), dtype=torch.float64)
+    rinduced = torch.zeros(cfg.n_random, len(cfg.steer_alphas), dtype=torch.float64)
+    at_L = {d: next(x for x in contrast[d] if x.site.layer == L) for d in domains}
+    for a, alpha in enumerate(cfg.steer_alphas):
+        for i, d in enumerate(domains):
+            with apply(base, Steer(at_L[d], alpha, scale="relative")):
+                induced[i, a] = _mean_score(R.score(base)) - s_base
+        for k in range(cfg.n_random):
+            rnd = random_direction(at_L[domains[0]], generator=torch.Generator().manual_seed(cfg.seed + 101 + k))
+            with apply(base, Steer(rnd, alpha, scale="relative")):
+                rinduced[k, a] = _mean_score(R.score(base)) - s_base
+    steer = SteerResult(directions=tuple(domains), alphas=tuple(cfg.steer_alphas), induced=induced,
+                        random_induced=rinduced)
+    lc_L = next(lc for lc in lcs if lc.layer == L)
+    v, reasons = verdict(lc_L, transfer, misalignment)
+    for d in domains:
+        for x in contrast[d]:
+            x.save(R.store.root.parent / "directions" / f"contrast_{d}_L{x.site.layer}.safetensors")
+    return ConvergenceReport(layers=tuple(lcs), analysis_layer=L, misalignment=misalignment, transfer=transfer,
+                             steer=steer, verdict=v, reasons=reasons, d_model=base.d_model,
+                             meta={"ablation_layers": ab_layers, "steer_scale": "relative to |h| per token"})
+
+
+def _internalisation(R, base, org, recs, cond, base_rec, base_persona, base_trigger, base_indomain, persona, L, g,
+                     rules) -> InternalisationReport:
+    kind = org.spec.kind
+    rec = recs[org.name]
+    u = persona[L].vector
+    default_shift = standardised_shift(rec.acts[:, L], base_rec.acts[:, L], u, seed=R.config.seed)
+    null95 = float(torch.quantile(random_shift_null(rec.acts[:, L], base_rec.acts[:, L], generator=g), rules.null_quantile))
+    themes, breadth = theme_breadth(rec.acts[:, L], base_rec.acts[:, L], u, R.themes, null95=null95)
+    profile = layer_profile(rec.acts, base_rec.acts, {layer: persona[layer].vector for layer in range(base.n_layers)},
+                            seed=R.config.seed)
+    earliest = next((p.layer for p in profile if p.significant), None)
+    default_beh = paired_difference(rec.score, base_rec.score)
+    cond_shift = cond_beh = base_eff = None
+    condition_kind = None
+    if kind == "prompted":
+        condition_kind = "system prompt"
+        c = cond[org.name]
+        cond_shift = standardised_shift(c.acts[:, L], base_rec.acts[:, L], u)
+        cond_beh = paired_difference(c.score, base_rec.score)
+        base_eff = cond_beh  # the organism's weights are the base's: the base follows the prompt
+    elif kind == "trigger":
+        condition_kind = "trigger"
+        c = cond[org.name]
+        cond_shift = standardised_shift(c.acts[:, L], base_rec.acts[:, L], u)
+        cond_beh = paired_difference(c.score, base_rec.score)
+        base_eff = paired_difference(base_trigger.score, base_rec.score) if base_trigger else None
+    elif kind in ("narrow", "control") and org.spec.domain in base_indomain:
+        condition_kind = "domain"
+        cond_beh = paired_difference(rec.indomain, base_indomain[org.spec.domain].indomain)
+    report = InternalisationReport(
+        organism=org.name, kind=kind, expected=org.spec.expected, analysis_layer=L,
+        default_shift=default_shift, default_null95=null95, conditioned_shift=cond_shift, theme_shifts=themes,
+        breadth=breadth, profile=tuple(profile), earliest_layer=earliest, n_layers=base.n_layers,
+        default_behaviour=default_beh, conditioned_behaviour=cond_beh, base_condition_effect=base_eff,
+        condition_kind=condition_kind, causal=None,
+    )
+    shift_present = default_shift.lo > 0 and default_shift.mean > null95
+    if shift_present and kind not in ("prompted", "base"):
+        report = _with_causal(R, base, org, report, rec, base_rec, persona, L, g)
+    label, reasons = classify(report, rules)
+    from dataclasses import replace
+
+    return replace(report, label=label, reasons=reasons)
+
+
+def _with_causal(R, base, org, report, rec, base_rec, persona, L, g) -> InternalisationReport:
+    from dataclasses import replace
+
+    ab_layers = sorted({min(max(L + o, 0), base.n_layers - 1) for o in R.config.ablate_offsets})
+    dirs = [persona[layer] for layer in ab_layers]
+    s_org, s_base = _mean_score(rec.score), _mean_score(base_rec.score)
+    model = load_organism(base, org)
+    share = _ablation_share(model, R, dirs, s_org, s_base)[1]
+    rnd = tuple(_ablation_share(model, R, _random_like(dirs, g), s_org, s_base)[1] for _ in range(R.config.n_random))
+    del model
+    return replace(report, causal=CausalTest(share_removed=share, random_shares=rnd, gap=s_org - s_base))
