@@ -48,7 +48,9 @@ def _as_example(p: Prompt) -> ChatExample:
         return p
     if isinstance(p, str):
         return chat(p)
-    raise TypeError(f"prompts must be ChatExample or str, got {type(p).__name__}; wrap text with chat()")
+    raise TypeError(
+        f"prompts must be ChatExample or str, got {type(p).__name__}; wrap text with chat()"
+    )
 
 
 def prompt_text(model: HookedModel, prompt: Prompt) -> str:
@@ -119,7 +121,9 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _check_generation_args(max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
+def _check_generation_args(
+    max_new_tokens: int, temperature: float, top_p: float, batch_size: int
+) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not math.isfinite(temperature) or temperature < 0:
@@ -163,7 +167,10 @@ def generate(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     sampling = temperature > 0
     opts: dict[str, Any] = dict(
-        max_new_tokens=max_new_tokens, do_sample=sampling, eos_token_id=stops, pad_token_id=pad_id,
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        eos_token_id=stops,
+        pad_token_id=pad_id,
         use_cache=True,
     )
     if sampling:
@@ -174,7 +181,11 @@ def generate(
         ids, mask = pad([encs[i] for i in idx], pad_id, side="left")
         ids, mask = ids.to(device), mask.to(device)
         plen = ids.shape[1]
-        with torch.inference_mode(), track_positions(model, plen), _seeded(seed * 100_003 + b, device):
+        with (
+            torch.inference_mode(),
+            track_positions(model, plen),
+            _seeded(seed * 100_003 + b, device),
+        ):
             seqs = model.hf.generate(input_ids=ids, attention_mask=mask, **opts)
         new = seqs[:, plen:].tolist()
         for row, i in enumerate(idx):
@@ -224,7 +235,9 @@ def completion_nll(
         rows.append((pids + cids, len(pids)))
     result = torch.full((len(rows),), float("nan"), dtype=torch.float32)
     pad_id = model.tokenizer.pad_token_id or 0
-    chunks = [list(range(i, min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)]
+    chunks = [
+        list(range(i, min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)
+    ]
     for idx in tqdm(chunks, desc="nll", disable=not show_progress):
         ids, mask = pad([rows[i][0] for i in idx], pad_id, side="right")
         logits = model.logits(ids.to(model.device), mask.to(model.device))
