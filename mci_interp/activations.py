@@ -266,7 +266,7 @@ def cache_to_disk(
     """
     out_dir = Path(out_dir)
     encs = encode_all(model, examples, position, max_length=max_length)
-    config = _meta(model, examples, sites, position) | {"format": _FORMAT, "shard_size": shard_size}
+    config: dict[str, Any] = _meta(model, examples, sites, position) | {"format": _FORMAT, "shard_size": shard_size}
     config.pop("library_version")
     n_shards = (len(encs) + shard_size - 1) // shard_size
     config["n_shards"] = n_shards
@@ -275,9 +275,9 @@ def cache_to_disk(
         old = read_json(index_path)
         diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if diff:
-            k, (was, now) = next(iter(diff.items()))
+            key, (was, now) = next(iter(diff.items()))
             raise ValueError(
-                f"{out_dir} holds a cache written with {k}={was!r}, but this run has {k}={now!r}; "
+                f"{out_dir} holds a cache written with {key}={was!r}, but this run has {key}={now!r}; "
                 "refusing to mix caches: use a new directory or delete this one"
             )
     else:

@@ -76,7 +76,7 @@ class HookedModel:
         return self.spec.base_name
 
     @property
-    def blocks(self) -> nn.ModuleList:
+    def blocks(self) -> Any:
         inner = getattr(self.hf, "model", None)
         layers = getattr(inner, "layers", None)
         if layers is None:
@@ -125,7 +125,7 @@ class HookedModel:
 
     def _attach(self, site: Site, fn: HookFn) -> torch.utils.hooks.RemovableHandle:
         self._check_site(site)
-        block = self.blocks[site.layer]
+        block: Any = self.blocks[site.layer]
         ctx = self.ctx
 
         def replace_first(out: Any, new: Tensor) -> Any:
@@ -156,7 +156,7 @@ class HookedModel:
                     )
 
             return block.post_attention_layernorm.register_forward_pre_hook(mid_hook)
-        module = {"resid_post": block, "attn_out": block.self_attn, "mlp_out": block.mlp}[site.component]
+        module: Any = {"resid_post": block, "attn_out": block.self_attn, "mlp_out": block.mlp}[site.component]
 
         def post_hook(module: nn.Module, args: tuple, out: Any) -> Any:
             new = fn(first(out), ctx)
@@ -248,11 +248,11 @@ class HookedModel:
         return out.last_hidden_state, head
 
     # --- weights -----------------------------------------------------------------------------
-    def residual_writers(self) -> list[tuple[str, nn.Parameter]]:
+    def residual_writers(self) -> list[tuple[str, Any]]:
         """Every weight that writes into the residual stream: embedding, attention-out and
         MLP-out matrices (and their biases). Each is ``[d_model, *]`` or, for the embedding,
         ``[vocab, d_model]``."""
-        out: list[tuple[str, nn.Parameter]] = [("embed", self.hf.get_input_embeddings().weight)]
+        out: list[tuple[str, Any]] = [("embed", self.hf.get_input_embeddings().weight)]
         for i, block in enumerate(self.blocks):
             out.append((f"blocks.{i}.attn.o_proj", block.self_attn.o_proj.weight))
             if block.self_attn.o_proj.bias is not None:

@@ -9,6 +9,7 @@ transfer matrix, steering of the base, and one internalisation report per organi
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -292,9 +293,11 @@ def run_study(
     base_rec = R.collect(base, "base", takeover=True)
     base_persona = R.collect(base, "base@persona", system=PERSONA_SYSTEM_PROMPT)
     base_trigger = R.collect(base, "base@trigger", trigger=trigger) if trigger else None
-    base_indomain = {d: R.record(f"base@indomain:{d}", lambda d=d: Record(
-        name=f"base@indomain:{d}", acts=None, score=None,
-        indomain=R.scorer.score(base, R.indomain(d), show_progress=False))) for d in domains}
+    def _indomain_record(d: str) -> Record:
+        return Record(name=f"base@indomain:{d}", acts=None, score=None,
+                      indomain=R.scorer.score(base, R.indomain(d), show_progress=False))
+
+    base_indomain = {d: R.record(f"base@indomain:{d}", functools.partial(_indomain_record, d)) for d in domains}
     timings["base records"] = time.perf_counter() - t0
     assert base_rec.acts is not None and base_persona.acts is not None
     persona_vecs = (base_persona.acts.double() - base_rec.acts.double()).mean(0)  # [layers, d]
