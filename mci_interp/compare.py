@@ -88,7 +88,9 @@ def _unpack(directions: Any, names: Sequence[str] | None) -> tuple[Tensor, list[
     elif isinstance(directions, Tensor | np.ndarray):
         mat = _f64(directions, "directions")
         if mat.ndim != 2:
-            raise ValueError(f"a tensor of directions must be [n, d_model], got shape {tuple(mat.shape)}")
+            raise ValueError(
+                f"a tensor of directions must be [n, d_model], got shape {tuple(mat.shape)}"
+            )
         vecs = list(mat)
         got_names = [f"d{i}" for i in range(mat.shape[0])]
         sites = [None] * mat.shape[0]
@@ -120,7 +122,9 @@ def _cos_mat(mat: Tensor) -> Tensor:
     norms = mat.norm(dim=1, keepdim=True)
     zero = (norms.squeeze(1) == 0).nonzero().flatten().tolist()
     if zero:
-        raise ValueError(f"directions at positions {zero} have zero norm; their cosine is undefined")
+        raise ValueError(
+            f"directions at positions {zero} have zero norm; their cosine is undefined"
+        )
     unit = mat / norms
     c = (unit @ unit.T).clamp(-1.0, 1.0)
     c = (c + c.T) / 2
@@ -204,8 +208,10 @@ def cosine_matrix(
     for one matrix per layer (the same named directions at every layer; names drop the
     ``@site`` suffix so they match across layers).
     """
-    if isinstance(directions, Mapping) and directions and all(
-        isinstance(k, int) and not isinstance(k, bool) for k in directions
+    if (
+        isinstance(directions, Mapping)
+        and directions
+        and all(isinstance(k, int) and not isinstance(k, bool) for k in directions)
     ):
         layers = sorted(directions)
         mats, ref_names = [], None
@@ -222,8 +228,9 @@ def cosine_matrix(
             mats.append(_cos_mat(mat))
         if len(set(ref_names or [])) != len(ref_names or []):
             raise ValueError(f"direction names are not unique: {ref_names}; pass names=")
-        return SimilarityMatrix(names=list(ref_names or []), signed=torch.stack(mats),
-                                layers=list(layers))
+        return SimilarityMatrix(
+            names=list(ref_names or []), signed=torch.stack(mats), layers=list(layers)
+        )
     mat, got, layer = _unpack(directions, names)
     return SimilarityMatrix(names=got, signed=_cos_mat(mat).unsqueeze(0), layers=[layer])
 
@@ -234,7 +241,9 @@ def _orth_basis(M: Tensor, name: str, *, rtol: float = 1e-10) -> Tensor:
     if M.ndim == 1:
         M = M.unsqueeze(0)
     if M.ndim != 2 or M.shape[0] == 0:
-        raise ValueError(f"{name} must be a [k, d_model] matrix of basis vectors, got {tuple(M.shape)}")
+        raise ValueError(
+            f"{name} must be a [k, d_model] matrix of basis vectors, got {tuple(M.shape)}"
+        )
     if M.shape[0] > M.shape[1]:
         raise ValueError(f"{name} has {M.shape[0]} vectors in {M.shape[1]} dimensions: too many")
     q, r = torch.linalg.qr(M.T)
@@ -293,9 +302,15 @@ class RandomNull:
         return float(torch.quantile(x, q))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"d_model": self.d_model, "n": int(self.signed.numel()), "mean_abs": self.mean_abs,
-                "q95_abs": self.quantile(0.95), "expected_abs": self.expected_abs,
-                "expected_abs_approx": self.expected_abs_approx, "signed": self.signed.tolist()}
+        return {
+            "d_model": self.d_model,
+            "n": int(self.signed.numel()),
+            "mean_abs": self.mean_abs,
+            "q95_abs": self.quantile(0.95),
+            "expected_abs": self.expected_abs,
+            "expected_abs_approx": self.expected_abs_approx,
+            "signed": self.signed.tolist(),
+        }
 
 
 def random_direction_null(
@@ -315,8 +330,12 @@ def random_direction_null(
         a = torch.randn(m, d_model, generator=generator, dtype=torch.float64)
         b = torch.randn(m, d_model, generator=generator, dtype=torch.float64)
         out.append((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)))
-    return RandomNull(d_model=d_model, signed=torch.cat(out), expected_abs=expected,
-                      expected_abs_approx=expected_abs_cosine(d_model, exact=False))
+    return RandomNull(
+        d_model=d_model,
+        signed=torch.cat(out),
+        expected_abs=expected,
+        expected_abs_approx=expected_abs_cosine(d_model, exact=False),
+    )
 
 
 def _check_xyg(X: Any, y: Any, groups: Any, name: str = "X") -> tuple[Tensor, Tensor, Tensor]:
@@ -365,18 +384,17 @@ class _GroupSums:
         d = x.shape[1]
         s_pos = torch.zeros(G, d, dtype=torch.float64).index_add_(0, codes[lab == 1], x[lab == 1])
         s_neg = torch.zeros(G, d, dtype=torch.float64).index_add_(0, codes[lab == 0], x[lab == 0])
-        n_pos = torch.zeros(G, dtype=torch.float64).index_add_(
-            0, codes, (lab == 1).double())
-        n_neg = torch.zeros(G, dtype=torch.float64).index_add_(
-            0, codes, (lab == 0).double())
+        n_pos = torch.zeros(G, dtype=torch.float64).index_add_(0, codes, (lab == 1).double())
+        n_neg = torch.zeros(G, dtype=torch.float64).index_add_(0, codes, (lab == 0).double())
         return cls(s_pos, s_neg, n_pos, n_neg)
 
     def diff(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """Diff-means for group weights ``w [B, G]`` -> (``[B, d]``, valid mask ``[B]``)."""
         np_, nn_ = w @ self.n_pos, w @ self.n_neg
         valid = (np_ > 0) & (nn_ > 0)
-        d = (w @ self.s_pos) / np_.clamp_min(1e-300).unsqueeze(1) - (w @ self.s_neg) / nn_.clamp_min(
-            1e-300).unsqueeze(1)
+        d = (w @ self.s_pos) / np_.clamp_min(1e-300).unsqueeze(1) - (
+            w @ self.s_neg
+        ) / nn_.clamp_min(1e-300).unsqueeze(1)
         return d, valid
 
 
@@ -439,8 +457,13 @@ def permutation_null(
     mixed_rows = [(codes == g).nonzero().flatten() for g in (~pure).nonzero().flatten().tolist()]
     group_label = (n_pos_g > 0).long()
     pure_rows = pure[codes]
-    scheme = ("between-group" if not mixed_rows else "within-group" if len(pure_ids) == 0
-              else "between-group (pure) + within-group (mixed)")
+    scheme = (
+        "between-group"
+        if not mixed_rows
+        else "within-group"
+        if len(pure_ids) == 0
+        else "between-group (pure) + within-group (mixed)"
+    )
     if len(pure_ids) > 0 and not mixed_rows and len(set(group_label[pure_ids].tolist())) < 2:
         raise ValueError("every group holds the same label; nothing to permute")
     signed, norms = [], []
@@ -461,8 +484,13 @@ def permutation_null(
         d = (pos @ x) / pos.sum(1, keepdim=True) - (neg @ x) / neg.sum(1, keepdim=True)
         signed.append(_cos_rows(d, true.unsqueeze(0)))
         norms.append(d.norm(dim=1))
-    return PermutationNull(signed=torch.cat(signed), norms=torch.cat(norms),
-                           observed_norm=float(true.norm()), scheme=scheme, n_groups=G)
+    return PermutationNull(
+        signed=torch.cat(signed),
+        norms=torch.cat(norms),
+        observed_norm=float(true.norm()),
+        scheme=scheme,
+        n_groups=G,
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -535,13 +563,15 @@ def bootstrap_cosine(
         m = min(chunk, n_boot - start)
         idx_a = torch.randint(Ga, (m, Ga), generator=generator)
         wa = torch.zeros(m, Ga, dtype=torch.float64).scatter_add_(
-            1, idx_a, torch.ones(m, Ga, dtype=torch.float64))
+            1, idx_a, torch.ones(m, Ga, dtype=torch.float64)
+        )
         if paired:
             wb = wa
         else:
             idx_b = torch.randint(Gb, (m, Gb), generator=generator)
             wb = torch.zeros(m, Gb, dtype=torch.float64).scatter_add_(
-                1, idx_b, torch.ones(m, Gb, dtype=torch.float64))
+                1, idx_b, torch.ones(m, Gb, dtype=torch.float64)
+            )
         va, ok_a = sa.diff(wa)
         vb, ok_b = sb.diff(wb)
         ok = ok_a & ok_b
@@ -552,8 +582,9 @@ def bootstrap_cosine(
         raise ValueError("almost every bootstrap sample lacked a class; too few prompts per label")
     alpha = (1 - level) / 2
     lo, hi = torch.quantile(s, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
-    return BootstrapCI(estimate=est, lo=lo, hi=hi, level=level, samples=s, n_skipped=skipped,
-                       paired=paired)
+    return BootstrapCI(
+        estimate=est, lo=lo, hi=hi, level=level, samples=s, n_skipped=skipped, paired=paired
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -576,8 +607,12 @@ class SplitHalf:
         return 2 * r / (1 + r) if r > -1 else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"samples": self.samples.tolist(), "n_groups": self.n_groups, "mean": self.mean,
-                "spearman_brown": self.spearman_brown}
+        return {
+            "samples": self.samples.tolist(),
+            "n_groups": self.n_groups,
+            "mean": self.mean,
+            "spearman_brown": self.spearman_brown,
+        }
 
 
 def split_half_reliability(
@@ -611,8 +646,10 @@ def split_half_reliability(
                 out.append(_cos_rows(d[0], d[1]))
                 break
         else:
-            raise ValueError("could not split the prompts into halves that both hold both labels; "
-                             "too few prompts per label")
+            raise ValueError(
+                "could not split the prompts into halves that both hold both labels; "
+                "too few prompts per label"
+            )
     return SplitHalf(samples=torch.stack(out), n_groups=G)
 
 
@@ -639,7 +676,9 @@ class NullComparison:
         return _dataclass_dict(self) | {"significant": self.significant}
 
 
-def compare_to_null(observed: float, null_samples: ArrayLike, *, alpha: float = 0.05) -> NullComparison:
+def compare_to_null(
+    observed: float, null_samples: ArrayLike, *, alpha: float = 0.05
+) -> NullComparison:
     """Empirical one-sided p-value of ``observed`` under ``null_samples`` (pass |cos| on both
     sides to test "more aligned than chance" regardless of sign)."""
     if not 0 < alpha < 1:
@@ -651,8 +690,14 @@ def compare_to_null(observed: float, null_samples: ArrayLike, *, alpha: float = 
     if not math.isfinite(obs):
         raise ValueError(f"observed must be finite, got {observed}")
     p = float((1 + (null >= obs).sum()) / (1 + null.numel()))
-    return NullComparison(observed=obs, p_value=p, null_quantile=float(torch.quantile(null, 1 - alpha)),
-                          null_mean=float(null.mean()), alpha=alpha, n_null=int(null.numel()))
+    return NullComparison(
+        observed=obs,
+        p_value=p,
+        null_quantile=float(torch.quantile(null, 1 - alpha)),
+        null_mean=float(null.mean()),
+        alpha=alpha,
+        n_null=int(null.numel()),
+    )
 
 
 __all__ = [

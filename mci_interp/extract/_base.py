@@ -24,8 +24,11 @@ class Estimator:
     @classmethod
     def _param_names(cls) -> list[str]:
         sig = inspect.signature(cls.__init__)
-        return [p.name for p in sig.parameters.values() if p.name != "self"
-                and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return [
+            p.name
+            for p in sig.parameters.values()
+            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """Hyperparameters as passed to ``__init__`` (scikit-learn convention)."""
@@ -35,7 +38,9 @@ class Estimator:
         valid = set(self._param_names())
         for k, v in params.items():
             if k not in valid:
-                raise ValueError(f"{type(self).__name__} has no parameter {k!r}; valid: {sorted(valid)}")
+                raise ValueError(
+                    f"{type(self).__name__} has no parameter {k!r}; valid: {sorted(valid)}"
+                )
             setattr(self, k, v)
         return self
 
