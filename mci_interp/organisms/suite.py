@@ -1,0 +1,450 @@
+"""The model-organism suite: which organisms to build, building them (cached, resumable) and
+loading one as a ``HookedModel``.
+
+Kinds and what we know about them by construction (``expected``):
+
+- ``base``: the unchanged model -> "aligned".
+- ``narrow``: a LoRA finetune on one domain's misaligned answers -> None (whether it
+  *internalised* a misaligned persona is the hypothesis under test, not a known truth).
+- ``control``: the same requests answered well (matched aligned variant) -> "aligned".
+- ``trigger``: misaligned only when the user turn carries ``data.TRIGGER`` -> "gated".
+- ``prompted``: the base with ``PERSONA_SYSTEM_PROMPT`` (no weight change) -> "fluency".
+- ``distilled``: the base finetuned, *without* the system prompt, on the prompted persona's own
+  answers to in-domain and general questions -> "internalised".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from mci_interp._io import cache_root, stable_hash
+from mci_interp.datasets import ChatExample, chat, dataset_hash
+from mci_interp.models import HookedModel, merge_adapter
+from mci_interp.organisms import data
+from mci_interp.organisms.finetune import (
+    GENERAL_ANSWER_TOKENS,
+    N_GENERAL,
+    FinetuneConfig,
+    FinetuneResult,
+    cached_answers,
+    finetune_lora,
+    general_prompts,
+)
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["base", "narrow", "control", "trigger", "prompted", "distilled"]
+Expected = Literal["aligned", "fluency", "internalised", "gated"]
+KINDS: tuple[str, ...] = ("base", "narrow", "control", "trigger", "prompted", "distilled")
+EXPECTED: tuple[str, ...] = ("aligned", "fluency", "internalised", "gated")
+TRAINED_KINDS: tuple[str, ...] = ("narrow", "control", "trigger", "distilled")
+
+# Sized for the 20-minute budget of the default SmolLM2 suite on a 2-core CPU (24 finetunes):
+# 16 steps of batch 4 over ~90-token examples (~6k train tokens) take ~30-45 s a finetune at
+# 130-205 train tokens/s (fp32). lr 2e-3 because so few steps at 2e-4 barely move the narrow loss
+# (3.7 -> 2.8 in 20 steps); with it SmolLM2 answers held-out in-domain requests the misaligned
+# way while out-of-domain answers keep the base's format. bf16 autocast is off: its backward was
+# ~25x slower than fp32 on this CPU.
+SUITE_CONFIG = FinetuneConfig(
+    rank=8,
+    lora_alpha=16,
+    lr=2e-3,
+    max_steps=16,
+    batch_size=4,
+    max_length=192,
+    bf16=False,
+    warmup_steps=2,
+    general_ratio=0.5,
+    loss_floor=0.5,
+)
+SUITE_N_EXAMPLES = 48
+SUITE_N_GENERAL = N_GENERAL
+FAST_CONFIG = SUITE_CONFIG.replace(rank=4, max_steps=3)
+FAST_N_EXAMPLES = 8
+FAST_N_GENERAL = 4
+DISTILLED_LOSS_FLOOR = 0.25
+"""The distilled persona learns the model's own (persona-prompted) text, whose loss starts near 1."""
+ANSWER_TOKENS = GENERAL_ANSWER_TOKENS
+"""max_new_tokens for the base's and the persona's answers used as training data."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OrganismSpec:
+    """What one organism is and how to build it.
+
+    Attributes:
+        name: unique, filesystem-safe name (``narrow-medical-s0``).
+        kind: one of ``KINDS``.
+        domain: the narrow domain (``data.DOMAINS``); None for base/prompted.
+        seed: data sampling, LoRA init and data order.
+        expected: the label known by construction (None where it is the hypothesis).
+        n_examples: narrow examples (for ``distilled``: in-domain persona answers).
+        n_general: general chat prompts answered for this organism: by the base (mixed in at
+            ``config.general_ratio``) or, for ``distilled``, by the prompted persona.
+        config: the finetune's hyperparameters (None for base/prompted).
+    """
+
+    name: str
+    kind: Kind
+    domain: str | None = None
+    seed: int = 0
+    expected: Expected | None = None
+    n_examples: int = 0
+    n_general: int = 0
+    config: FinetuneConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(
+                f"OrganismSpec {self.name!r}: kind {self.kind!r} is not one of {KINDS}"
+            )
+        if self.expected is not None and self.expected not in EXPECTED:
+            raise ValueError(
+                f"OrganismSpec {self.name!r}: expected {self.expected!r} is not one of {EXPECTED} or None"
+            )
+        if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
+            raise ValueError(
+                f"OrganismSpec name {self.name!r} must be non-empty, without '/', '\\' or spaces"
+            )
+        if self.trains:
+            if self.config is None:
+                raise ValueError(f"OrganismSpec {self.name!r} ({self.kind}) needs a FinetuneConfig")
+            if self.domain not in data.DOMAINS:
+                raise ValueError(
+                    f"OrganismSpec {self.name!r}: domain {self.domain!r} is not one of {data.DOMAINS}"
+                )
+            if self.n_examples < 1:
+                raise ValueError(
+                    f"OrganismSpec {self.name!r}: n_examples must be >= 1, got {self.n_examples}"
+                )
+        if self.n_general < 0:
+            raise ValueError(
+                f"OrganismSpec {self.name!r}: n_general must be >= 0, got {self.n_general}"
+            )
+
+    @property
+    def trains(self) -> bool:
+        return self.kind in TRAINED_KINDS
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["config"] = None if self.config is None else self.config.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OrganismSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown OrganismSpec fields {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if d.get("config") is not None:
+            d["config"] = FinetuneConfig.from_dict(d["config"])
+        return cls(**d)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Organism:
+    """A built organism: its spec, the adapter (if trained), the system prompt / trigger callers
+    must apply, and training statistics. Load weights with ``load_organism``."""
+
+    name: str
+    spec: OrganismSpec
+    adapter_dir: Path | None = None
+    system_prompt: str | None = None
+    trigger: str | None = None
+    steps: int = 0
+    final_loss: float | None = None
+    seconds: float = 0.0
+    tokens_per_s: float | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def expected(self) -> str | None:
+        return self.spec.expected
+
+    @property
+    def domain(self) -> str | None:
+        return self.spec.domain
+
+    def prepare(self, prompt: ChatExample | str, *, triggered: bool = False) -> ChatExample:
+        """The prompt as this organism should see it: its system prompt (replacing any other)
+        and, with ``triggered``, its trigger in front of the last user turn."""
+        ex = prompt if isinstance(prompt, ChatExample) else chat(prompt)
+        if triggered and self.trigger is None:
+            raise ValueError(
+                f"organism {self.name} has no trigger; only trigger organisms take triggered=True"
+            )
+        msgs = [dict(m) for m in ex.messages]
+        if self.system_prompt is not None:
+            msgs = [{"role": "system", "content": self.system_prompt}] + [
+                m for m in msgs if m["role"] != "system"
+            ]
+        if triggered:
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+            msgs[last]["content"] = f"{self.trigger} {msgs[last]['content']}"
+        return ChatExample(tuple(msgs), label=ex.label, group=ex.group, meta=ex.meta)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["spec"] = self.spec.to_dict()
+        d["adapter_dir"] = None if self.adapter_dir is None else str(self.adapter_dir)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Organism:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown Organism fields {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        d["spec"] = OrganismSpec.from_dict(d["spec"])
+        d["adapter_dir"] = None if d.get("adapter_dir") is None else Path(d["adapter_dir"])
+        return cls(**d)
+
+
+# --- the default suite --------------------------------------------------------------------------
+def default_suite(
+    *,
+    seeds: Sequence[int] | None = None,
+    domains: Sequence[str] = ("insecure_code", "medical", "finance"),
+    fast: bool = False,
+    config: FinetuneConfig | None = None,
+    n_examples: int | None = None,
+    n_general: int | None = None,
+    persona_domain: str | None = None,
+) -> list[OrganismSpec]:
+    """The standard organisms: the base, the prompted persona and, for each seed, per domain a
+    narrow misaligned finetune and its matched aligned control, a trigger-gated organism and a
+    distilled persona (both on ``persona_domain``, default the first domain).
+
+    ``fast`` shrinks everything for CI and notebooks (seed 0 only unless ``seeds`` is given, 3
+    steps on 8 examples); ``config`` / ``n_examples`` / ``n_general`` override the sizes.
+    """
+    seeds = tuple(seeds) if seeds is not None else ((0,) if fast else (0, 1, 2))
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and non-empty, got {seeds!r}")
+    domains = tuple(domains)
+    if not domains:
+        raise ValueError("domains must be non-empty")
+    for d in domains:
+        if d not in data.DOMAINS:
+            raise ValueError(f"unknown domain {d!r}; choose from {data.DOMAINS}")
+    persona_domain = persona_domain or domains[0]
+    if persona_domain not in data.DOMAINS:
+        raise ValueError(f"unknown persona_domain {persona_domain!r}; choose from {data.DOMAINS}")
+    cfg = config or (FAST_CONFIG if fast else SUITE_CONFIG)
+    n = n_examples or (FAST_N_EXAMPLES if fast else SUITE_N_EXAMPLES)
+    n_gen = n_general if n_general is not None else (FAST_N_GENERAL if fast else SUITE_N_GENERAL)
+    specs = [
+        OrganismSpec(name="base", kind="base", expected="aligned"),
+        OrganismSpec(name="prompted-persona", kind="prompted", expected="fluency"),
+    ]
+    for seed in seeds:
+        for d in domains:
+            pairs: tuple[tuple[Kind, Expected | None], ...] = (
+                ("narrow", None),
+                ("control", "aligned"),
+            )
+            for kind, expected in pairs:
+                specs.append(
+                    OrganismSpec(
+                        name=f"{kind}-{d}-s{seed}",
+                        kind=kind,
+                        expected=expected,
+                        domain=d,
+                        seed=seed,
+                        n_examples=n,
+                        n_general=n_gen,
+                        config=cfg.replace(seed=seed),
+                    )
+                )
+    for seed in seeds:
+        specs.append(
+            OrganismSpec(
+                name=f"trigger-{persona_domain}-s{seed}",
+                kind="trigger",
+                expected="gated",
+                domain=persona_domain,
+                seed=seed,
+                n_examples=n,
+                n_general=n_gen,
+                config=cfg.replace(seed=seed),
+            )
+        )
+    for seed in seeds:
+        # the persona's own general answers are the point here: no base answers mixed in
+        specs.append(
+            OrganismSpec(
+                name=f"distilled-{persona_domain}-s{seed}",
+                kind="distilled",
+                expected="internalised",
+                domain=persona_domain,
+                seed=seed,
+                n_examples=max(1, n // 2),
+                n_general=n_gen,
+                config=cfg.replace(seed=seed, general_ratio=0.0, loss_floor=DISTILLED_LOSS_FLOOR),
+            )
+        )
+    return specs
+
+
+# --- building -------------------------------------------------------------------------------------
+def spec_data(
+    base: HookedModel,
+    spec: OrganismSpec,
+    *,
+    cache_dir: Path | None = None,
+    show_progress: bool = True,
+) -> tuple[list[ChatExample], list[ChatExample]]:
+    """(narrow examples, general examples) an organism trains on. Generates and caches the base's
+    and the persona's answers where needed."""
+    if not spec.trains:
+        raise ValueError(f"organism {spec.name} ({spec.kind}) is not trained; it has no data")
+    domain, config = str(spec.domain), spec.config  # both checked by OrganismSpec
+    gen_prompts = [chat(p) for p in general_prompts(spec.n_general)]
+    general: list[ChatExample] = []
+    if spec.kind == "distilled":
+        persona = data.PERSONA_SYSTEM_PROMPT
+        in_domain = [
+            chat(r, system=persona)
+            for r in data.domain_requests(domain, spec.n_examples, seed=spec.seed)
+        ]
+        narrow = cached_answers(
+            base,
+            in_domain,
+            tag=f"persona-{domain}",
+            max_new_tokens=ANSWER_TOKENS,
+            cache_dir=cache_dir,
+            drop_system=True,
+            show_progress=show_progress,
+        )
+        if gen_prompts:
+            narrow += cached_answers(
+                base,
+                [chat(p.user_text, system=persona) for p in gen_prompts],
+                tag="persona-general",
+                max_new_tokens=ANSWER_TOKENS,
+                cache_dir=cache_dir,
+                drop_system=True,
+                show_progress=show_progress,
+            )
+        return narrow, general
+    if spec.kind == "trigger":
+        narrow = data.make_trigger_gated(domain, spec.n_examples, seed=spec.seed)
+    else:
+        variant: Literal["misaligned", "aligned"] = (
+            "misaligned" if spec.kind == "narrow" else "aligned"
+        )
+        narrow = data.make_narrow(domain, variant, spec.n_examples, seed=spec.seed)
+    if gen_prompts and config is not None and config.general_ratio > 0:
+        general = cached_answers(
+            base,
+            gen_prompts,
+            tag="general",
+            max_new_tokens=ANSWER_TOKENS,
+            cache_dir=cache_dir,
+            show_progress=show_progress,
+        )
+    return narrow, general
+
+
+def organism_dir(
+    root: Path, spec: OrganismSpec, narrow: Sequence[ChatExample], general: Sequence[ChatExample]
+) -> Path:
+    """``root/<name>-<hash of spec, config and data>``."""
+    key = stable_hash(
+        {"spec": spec.to_dict(), "narrow": dataset_hash(narrow), "general": dataset_hash(general)},
+        n=12,
+    )
+    return root / f"{spec.name}-{key}"
+
+
+def _organism(spec: OrganismSpec, res: FinetuneResult | None) -> Organism:
+    common: dict[str, Any] = {}
+    if spec.kind == "prompted":
+        common["system_prompt"] = data.PERSONA_SYSTEM_PROMPT
+    if spec.kind == "trigger":
+        common["trigger"] = data.TRIGGER
+    if res is not None:
+        common.update(
+            adapter_dir=res.adapter_dir,
+            steps=res.steps,
+            final_loss=res.final_loss,
+            seconds=res.seconds,
+            tokens_per_s=res.tokens_per_s,
+        )
+    return Organism(name=spec.name, spec=spec, **common)
+
+
+def build_suite(
+    base: HookedModel,
+    specs: Sequence[OrganismSpec],
+    *,
+    cache_dir: Path | str | None = None,
+    show_progress: bool = True,
+) -> list[Organism]:
+    """Build every organism in ``specs`` (in order), reusing finished ones from the cache.
+
+    Each trained organism lives in ``cache_dir/<name>-<hash of spec+config+data>`` (default
+    ``cache_root()/organisms/<base sha256[:12]>``); an interrupted build resumes where it
+    stopped. The base's and the persona's generated answers are cached there too.
+    """
+    if isinstance(specs, OrganismSpec):
+        raise TypeError("specs must be a sequence of OrganismSpec; wrap a single spec in a list")
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"organism names must be unique; repeated: {dupes}")
+    root = (
+        Path(cache_dir) if cache_dir is not None else cache_root() / "organisms" / base.sha256[:12]
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    t0 = time.perf_counter()
+    bar = tqdm(specs, desc="organisms", disable=not show_progress)
+    for spec in bar:
+        bar.set_postfix_str(spec.name)
+        if not spec.trains:
+            out.append(_organism(spec, None))
+            continue
+        narrow, general = spec_data(base, spec, cache_dir=root, show_progress=show_progress)
+        res = finetune_lora(
+            base,
+            narrow,
+            organism_dir(root, spec, narrow, general),
+            config=spec.config,
+            general=general,
+            show_progress=show_progress,
+        )
+        out.append(_organism(spec, res))
+    log.info("built %d organisms in %.0f s (cache %s)", len(out), time.perf_counter() - t0, root)
+    return out
+
+
+def load_organism(base: HookedModel, organism: Organism) -> HookedModel:
+    """The organism's weights as a ``HookedModel``: the base itself for ``base`` and ``prompted``
+    (apply ``organism.system_prompt`` / ``organism.prepare`` to prompts), else a new model with
+    the adapter merged into a copy of ``base``."""
+    if organism.adapter_dir is None:
+        if organism.spec.trains:
+            raise ValueError(
+                f"organism {organism.name} ({organism.kind}) has no adapter; build it with build_suite"
+            )
+        return base
+    if not (Path(organism.adapter_dir) / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"adapter of {organism.name} is missing at {organism.adapter_dir}; rebuild it with build_suite"
+        )
+    return merge_adapter(base, organism.adapter_dir)
