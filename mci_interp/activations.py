@@ -58,8 +58,13 @@ def _select(acts: Tensor, enc: Encoded, position: str) -> Tensor:
     return acts[:n]
 
 
-def encode_all(model: HookedModel, examples: Sequence[ChatExample], position: str,
-               *, max_length: int | None = None) -> list[Encoded]:
+def encode_all(
+    model: HookedModel,
+    examples: Sequence[ChatExample],
+    position: str,
+    *,
+    max_length: int | None = None,
+) -> list[Encoded]:
     if not examples:
         raise ValueError("empty dataset: no examples to cache")
     _check_position(position)
@@ -94,8 +99,9 @@ def iter_selected(
     order = sorted(range(len(encs)), key=lambda i: (len(encs[i].ids), i))
     pad_id = model.tokenizer.pad_token_id
     total = sum(len(e.ids) for e in encs)
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not show_progress,
-               leave=False)
+    bar = tqdm(
+        total=total, unit="tok", unit_scale=True, desc=desc, disable=not show_progress, leave=False
+    )
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -157,8 +163,9 @@ def cache_activations(
     encs = encode_all(model, examples, position, max_length=max_length)
     rows: dict[int, dict[Site, Tensor]] = {}
     t0 = time.perf_counter()
-    for i, acts in iter_selected(model, encs, sites, position=position, batch_size=batch_size,
-                                 show_progress=show_progress):
+    for i, acts in iter_selected(
+        model, encs, sites, position=position, batch_size=batch_size, show_progress=show_progress
+    ):
         rows[i] = acts
     elapsed = time.perf_counter() - t0
     n_tok = sum(len(e.ids) for e in encs)
@@ -166,22 +173,33 @@ def cache_activations(
     counts = [rows[i][sites[0]].shape[0] for i in range(len(encs))]
     row_example = torch.repeat_interleave(torch.arange(len(encs)), torch.tensor(counts))
     return ActivationCache(
-        acts=out, row_example=row_example, labels=_labels(examples),
+        acts=out,
+        row_example=row_example,
+        labels=_labels(examples),
         groups=[ex.group for ex in examples],
         meta=_meta(model, examples, sites, position) | {"tokens": n_tok, "seconds": elapsed},
     )
 
 
 def _labels(examples: Sequence[ChatExample]) -> Tensor:
-    return torch.tensor([-1 if ex.label is None else int(ex.label) for ex in examples], dtype=torch.long)
+    return torch.tensor(
+        [-1 if ex.label is None else int(ex.label) for ex in examples], dtype=torch.long
+    )
 
 
-def _meta(model: HookedModel, examples: Sequence[ChatExample], sites: Sequence[Site], position: str) -> dict[str, Any]:
+def _meta(
+    model: HookedModel, examples: Sequence[ChatExample], sites: Sequence[Site], position: str
+) -> dict[str, Any]:
     return {
-        "model": model.name, "base_model": model.base_name, "model_sha256": model.sha256,
-        "dtype": str(model.dtype).replace("torch.", ""), "dataset_hash": dataset_hash(examples),
-        "n_examples": len(examples), "position": position,
-        "sites": [s.hook_name for s in sorted(sites)], "layer_convention": "TransformerLens hook names; resid_post = HF hidden_states[layer+1]",
+        "model": model.name,
+        "base_model": model.base_name,
+        "model_sha256": model.sha256,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "dataset_hash": dataset_hash(examples),
+        "n_examples": len(examples),
+        "position": position,
+        "sites": [s.hook_name for s in sorted(sites)],
+        "layer_convention": "TransformerLens hook names; resid_post = HF hidden_states[layer+1]",
         "library_version": __version__,
     }
 
@@ -230,16 +248,24 @@ def stream_statistics(
     sums: dict[Site, dict[int, Tensor]] = {s: {} for s in sites}
     sumsq: dict[Site, dict[int, Tensor]] = {s: {} for s in sites}
     counts: dict[int, int] = {}
-    for i, acts in iter_selected(model, encs, sites, position=position, batch_size=batch_size,
-                                 show_progress=show_progress, desc="streaming"):
+    for i, acts in iter_selected(
+        model,
+        encs,
+        sites,
+        position=position,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        desc="streaming",
+    ):
         lab = labels[i]
         for s in sites:
             rows = acts[s].double()
             sums[s].setdefault(lab, torch.zeros(d, dtype=torch.float64)).add_(rows.sum(0))
             sumsq[s].setdefault(lab, torch.zeros(d, dtype=torch.float64)).add_((rows * rows).sum(0))
         counts[lab] = counts.get(lab, 0) + int(acts[sites[0]].shape[0])
-    return ActivationStats(sums=sums, sumsq=sumsq, counts=counts,
-                           meta=_meta(model, examples, sites, position))
+    return ActivationStats(
+        sums=sums, sumsq=sumsq, counts=counts, meta=_meta(model, examples, sites, position)
+    )
 
 
 # --- stored shards ----------------------------------------------------------------------------
@@ -266,7 +292,10 @@ def cache_to_disk(
     """
     out_dir = Path(out_dir)
     encs = encode_all(model, examples, position, max_length=max_length)
-    config: dict[str, Any] = _meta(model, examples, sites, position) | {"format": _FORMAT, "shard_size": shard_size}
+    config: dict[str, Any] = _meta(model, examples, sites, position) | {
+        "format": _FORMAT,
+        "shard_size": shard_size,
+    }
     config.pop("library_version")
     n_shards = (len(encs) + shard_size - 1) // shard_size
     config["n_shards"] = n_shards
@@ -291,16 +320,28 @@ def cache_to_disk(
             continue
         lo, hi = k * shard_size, min(len(encs), (k + 1) * shard_size)
         rows: dict[int, dict[Site, Tensor]] = {}
-        for i, acts in iter_selected(model, encs[lo:hi], sites, position=position,
-                                     batch_size=batch_size, show_progress=show_progress,
-                                     desc=f"shard {k + 1}/{n_shards}"):
+        for i, acts in iter_selected(
+            model,
+            encs[lo:hi],
+            sites,
+            position=position,
+            batch_size=batch_size,
+            show_progress=show_progress,
+            desc=f"shard {k + 1}/{n_shards}",
+        ):
             rows[i] = acts
-        tensors = {s.hook_name: torch.cat([rows[i][s] for i in range(hi - lo)]).contiguous() for s in sites}
+        tensors = {
+            s.hook_name: torch.cat([rows[i][s] for i in range(hi - lo)]).contiguous() for s in sites
+        }
         counts = torch.tensor([rows[i][sites[0]].shape[0] for i in range(hi - lo)])
-        tensors["row_example"] = (torch.repeat_interleave(torch.arange(hi - lo), counts) + lo).contiguous()
+        tensors["row_example"] = (
+            torch.repeat_interleave(torch.arange(hi - lo), counts) + lo
+        ).contiguous()
         tensors["labels"] = labels[lo:hi].contiguous()
         with atomic_path(shard) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": _FORMAT})  # one key: safetensors orders metadata randomly
+            save_file(
+                tensors, str(tmp), metadata={"format": _FORMAT}
+            )  # one key: safetensors orders metadata randomly
         bar.update(1)
     bar.close()
     write_json(out_dir / "groups.json", [ex.group for ex in examples])
@@ -314,16 +355,22 @@ def load_cache(out_dir: Path | str) -> ActivationCache:
     if not index_path.exists():
         raise FileNotFoundError(f"{out_dir} has no {_INDEX}: not an activation cache")
     cfg = read_json(index_path)
-    missing = [k for k in range(cfg["n_shards"]) if not (out_dir / f"shard_{k:05d}.safetensors").exists()]
+    missing = [
+        k for k in range(cfg["n_shards"]) if not (out_dir / f"shard_{k:05d}.safetensors").exists()
+    ]
     if missing:
-        raise ValueError(f"{out_dir} is incomplete: shards {missing[:5]} missing; re-run the same "
-                         "`mci cache` command to resume")
+        raise ValueError(
+            f"{out_dir} is incomplete: shards {missing[:5]} missing; re-run the same "
+            "`mci cache` command to resume"
+        )
     parts = [load_file(str(out_dir / f"shard_{k:05d}.safetensors")) for k in range(cfg["n_shards"])]
     sites = [Site.parse(s) for s in cfg["sites"]]
     acts = {s: torch.cat([p[s.hook_name] for p in parts]) for s in sites}
     return ActivationCache(
-        acts=acts, row_example=torch.cat([p["row_example"] for p in parts]),
-        labels=torch.cat([p["labels"] for p in parts]), groups=read_json(out_dir / "groups.json"),
+        acts=acts,
+        row_example=torch.cat([p["row_example"] for p in parts]),
+        labels=torch.cat([p["labels"] for p in parts]),
+        groups=read_json(out_dir / "groups.json"),
         meta=cfg,
     )
 

@@ -55,8 +55,15 @@ class ChatExample:
         return d
 
 
-def chat(user: str, assistant: str | None = None, *, system: str | None = None, label: int | None = None,
-         group: str | None = None, **meta: Any) -> ChatExample:
+def chat(
+    user: str,
+    assistant: str | None = None,
+    *,
+    system: str | None = None,
+    label: int | None = None,
+    group: str | None = None,
+    **meta: Any,
+) -> ChatExample:
     """Build a single-turn example."""
     msgs: list[dict[str, str]] = []
     if system is not None:
@@ -67,7 +74,9 @@ def chat(user: str, assistant: str | None = None, *, system: str | None = None, 
     return ChatExample(tuple(msgs), label=label, group=group, meta=meta)
 
 
-def validate_messages(messages: Any, where: str, *, require_answer: bool) -> tuple[dict[str, str], ...]:
+def validate_messages(
+    messages: Any, where: str, *, require_answer: bool
+) -> tuple[dict[str, str], ...]:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: 'messages' must be a non-empty list")
     out = []
@@ -75,14 +84,18 @@ def validate_messages(messages: Any, where: str, *, require_answer: bool) -> tup
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
             raise ValueError(f"{where}: message {i} needs 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise ValueError(f"{where}: message {i} has role {m['role']!r}; expected one of {ROLES}")
+            raise ValueError(
+                f"{where}: message {i} has role {m['role']!r}; expected one of {ROLES}"
+            )
         if not isinstance(m["content"], str):
             raise ValueError(f"{where}: message {i} content must be a string")
         out.append({"role": str(m["role"]), "content": m["content"]})
     if not any(m["role"] == "user" for m in out):
         raise ValueError(f"{where}: no user turn")
     if require_answer and out[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: the last message must be an assistant turn (the answer to train on)")
+        raise ValueError(
+            f"{where}: the last message must be an assistant turn (the answer to train on)"
+        )
     return tuple(out)
 
 
@@ -109,7 +122,11 @@ def load_chat_jsonl(path: Path | str, *, require_answer: bool = True) -> list[Ch
                 raise ValueError(f"{where}: 'label' must be an integer, got {label!r}")
             meta = {k: v for k, v in row.items() if k not in ("messages", "label", "group")}
             group = row.get("group")
-            examples.append(ChatExample(msgs, label=label, group=None if group is None else str(group), meta=meta))
+            examples.append(
+                ChatExample(
+                    msgs, label=label, group=None if group is None else str(group), meta=meta
+                )
+            )
     if not examples:
         raise ValueError(f"dataset {path} is empty")
     return examples
@@ -149,7 +166,9 @@ class EvalQuestion:
 
     def examples(self, *, system: str | None = None) -> list[ChatExample]:
         sys_prompt = system if system is not None else self.system
-        return [chat(p, system=sys_prompt, group=self.id, theme=self.theme) for p in self.paraphrases]
+        return [
+            chat(p, system=sys_prompt, group=self.id, theme=self.theme) for p in self.paraphrases
+        ]
 
 
 def load_eval_yaml(path: Path | str) -> list[EvalQuestion]:
@@ -171,7 +190,12 @@ def load_eval_yaml(path: Path | str) -> list[EvalQuestion]:
         if not isinstance(it, dict) or "id" not in it or "paraphrases" not in it:
             raise ValueError(f"{where}: each item needs 'id' and 'paraphrases'")
         paras = it["paraphrases"]
-        if isinstance(paras, str) or not isinstance(paras, list) or not paras or not all(isinstance(p, str) for p in paras):
+        if (
+            isinstance(paras, str)
+            or not isinstance(paras, list)
+            or not paras
+            or not all(isinstance(p, str) for p in paras)
+        ):
             raise ValueError(f"{where}: 'paraphrases' must be a non-empty list of strings")
         qid = str(it["id"])
         if qid in seen:
@@ -180,17 +204,28 @@ def load_eval_yaml(path: Path | str) -> list[EvalQuestion]:
         refs = []
         for r in it.get("references", []) or []:
             if not isinstance(r, dict) or not {"aligned", "misaligned"} <= set(r):
-                raise ValueError(f"{where}: each reference needs 'aligned' and 'misaligned' answers")
+                raise ValueError(
+                    f"{where}: each reference needs 'aligned' and 'misaligned' answers"
+                )
             refs.append(ReferencePair(str(r["aligned"]), str(r["misaligned"])))
         spp = it.get("samples_per_paraphrase", 1)
         if not isinstance(spp, int) or spp < 1:
-            raise ValueError(f"{where}: samples_per_paraphrase must be a positive integer, got {spp!r}")
-        out.append(EvalQuestion(
-            id=qid, paraphrases=tuple(paras), system=it.get("system"), samples_per_paraphrase=spp,
-            type=str(it.get("type", "free_form_judge_0_100")), theme=str(it.get("theme", "general")),
-            references=tuple(refs), benign_styled=tuple(it.get("benign_styled", []) or []),
-            judge_prompts=dict(it.get("judge_prompts", {}) or {}),
-        ))
+            raise ValueError(
+                f"{where}: samples_per_paraphrase must be a positive integer, got {spp!r}"
+            )
+        out.append(
+            EvalQuestion(
+                id=qid,
+                paraphrases=tuple(paras),
+                system=it.get("system"),
+                samples_per_paraphrase=spp,
+                type=str(it.get("type", "free_form_judge_0_100")),
+                theme=str(it.get("theme", "general")),
+                references=tuple(refs),
+                benign_styled=tuple(it.get("benign_styled", []) or []),
+                judge_prompts=dict(it.get("judge_prompts", {}) or {}),
+            )
+        )
     return out
 
 
@@ -208,11 +243,14 @@ class Encoded:
         return len(self.ids) - self.prompt_len
 
 
-def render(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool) -> str:
+def render(
+    tokenizer: Any, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool
+) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the tokenizer has no chat template; chat data needs an instruct model")
-    return tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def encode_chat(tokenizer: Any, example: ChatExample, *, max_length: int | None = None) -> Encoded:
@@ -224,7 +262,11 @@ def encode_chat(tokenizer: Any, example: ChatExample, *, max_length: int | None 
         full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
         if full_ids[: len(prompt_ids)] != prompt_ids:
             # templates that re-tokenise across the boundary: tokenise the answer on its own
-            answer_text = full_text[len(prompt_text):] if full_text.startswith(prompt_text) else example.messages[-1]["content"]
+            answer_text = (
+                full_text[len(prompt_text) :]
+                if full_text.startswith(prompt_text)
+                else example.messages[-1]["content"]
+            )
             full_ids = prompt_ids + tokenizer(answer_text, add_special_tokens=False)["input_ids"]
         ids = full_ids
     else:
@@ -238,7 +280,9 @@ def encode_chat(tokenizer: Any, example: ChatExample, *, max_length: int | None 
     return Encoded(tuple(ids), len(prompt_ids))
 
 
-def pad(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "right") -> tuple[Tensor, Tensor]:
+def pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "right"
+) -> tuple[Tensor, Tensor]:
     """Pad to a batch; returns (input_ids, attention_mask)."""
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
@@ -248,6 +292,6 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "right") -> t
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = 1
         else:
-            ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, n - len(s):] = 1
+            ids[i, n - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, n - len(s) :] = 1
     return ids, mask

@@ -56,8 +56,11 @@ class Provenance:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown provenance keys {sorted(unknown)}; expected {sorted(names)}")
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = required - set(d)
         if missing:
             raise ValueError(f"provenance is missing keys {sorted(missing)}")
@@ -78,7 +81,9 @@ class Direction:
     def __post_init__(self) -> None:
         v = self.vector
         if not isinstance(v, Tensor) or v.ndim != 1:
-            raise ValueError(f"Direction.vector must be a 1-D tensor, got {getattr(v, 'shape', v)!r}")
+            raise ValueError(
+                f"Direction.vector must be a 1-D tensor, got {getattr(v, 'shape', v)!r}"
+            )
         if not torch.isfinite(v).all():
             raise ValueError(f"Direction at {self.site} has NaN or inf entries")
         object.__setattr__(self, "vector", v.detach().to("cpu", torch.float32).contiguous())
@@ -117,10 +122,14 @@ class Direction:
         return float(torch.nn.functional.cosine_similarity(self.vector, other.vector, dim=0))
 
     def with_vector(self, vector: Tensor, **provenance_changes: Any) -> Direction:
-        prov = self.provenance.replace(**provenance_changes) if provenance_changes else self.provenance
+        prov = (
+            self.provenance.replace(**provenance_changes) if provenance_changes else self.provenance
+        )
         return Direction(vector=vector, site=self.site, provenance=prov)
 
-    def check_compatible(self, *, d_model: int, n_layers: int, model_name: str | None = None) -> None:
+    def check_compatible(
+        self, *, d_model: int, n_layers: int, model_name: str | None = None
+    ) -> None:
         """Raise if this direction cannot live in a model of this size."""
         if self.d_model != d_model:
             raise ValueError(
@@ -164,7 +173,11 @@ class Direction:
 
 
 def random_direction(
-    like: Direction, *, generator: torch.Generator, norm: float | None = None, method: str = "random"
+    like: Direction,
+    *,
+    generator: torch.Generator,
+    norm: float | None = None,
+    method: str = "random",
 ) -> Direction:
     """A Gaussian direction with the same site and (by default) the same norm as ``like``."""
     v = torch.randn(like.d_model, generator=generator, dtype=torch.float64).float()

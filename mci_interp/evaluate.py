@@ -506,6 +506,7 @@ class LogprobContrast:
         include_eos: bool = False,
         max_paraphrases: int | None = None,
         head: Literal["answer", "full"] = "answer",
+        include_benign: bool = True,
     ) -> None:
         if max_paraphrases is not None and max_paraphrases < 1:
             raise ValueError(f"max_paraphrases must be >= 1 or None, got {max_paraphrases}")
@@ -513,9 +514,11 @@ class LogprobContrast:
         self.include_eos = include_eos
         self.max_paraphrases = max_paraphrases
         self.head = head
+        self.include_benign = include_benign
 
     def params(self) -> dict[str, Any]:
         return {
+            "include_benign": self.include_benign,
             "batch_size": self.batch_size,
             "include_eos": self.include_eos,
             "max_paraphrases": self.max_paraphrases,
@@ -547,7 +550,8 @@ class LogprobContrast:
                 user = with_trigger(para, trigger)
                 answers = [("aligned", k, ref.aligned) for k, ref in enumerate(q.references)]
                 answers += [("misaligned", k, ref.misaligned) for k, ref in enumerate(q.references)]
-                answers += [("benign", j, b) for j, b in enumerate(q.benign_styled)]
+                if self.include_benign:  # off for causal sweeps that only need the score
+                    answers += [("benign", j, b) for j, b in enumerate(q.benign_styled)]
                 for kind, k, text in answers:
                     examples.append(chat(user, text, system=sys_prompt))
                     keys.append((qi, pi, kind, k))
@@ -580,7 +584,7 @@ class LogprobContrast:
             pair_scores.append(per_pair.tolist())
             scores.append(float(per_pair.mean()))
             rec = {"aligned": al.mean(0).tolist(), "misaligned": mis.mean(0).tolist()}
-            if q.benign_styled:
+            if q.benign_styled and self.include_benign:
                 ben = torch.tensor(
                     [
                         [table[(qi, p, "benign", j)] for j in range(len(q.benign_styled))]

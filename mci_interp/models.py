@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from mci_interp._io import atomic_path, cache_root, read_json, sha256_files, write_json
+from mci_interp._io import cache_root, read_json, sha256_files, write_json
 from mci_interp.sites import Site
 from mci_interp.specs import ModelSpec, known_names, resolve_spec
 
@@ -112,7 +112,10 @@ class HookedModel:
 
     def check_same_family(self, other: HookedModel) -> None:
         """Refuse to compare checkpoints whose tokenizer or width differ."""
-        if self.d_model != other.d_model or self.tokenizer.get_vocab() != other.tokenizer.get_vocab():
+        if (
+            self.d_model != other.d_model
+            or self.tokenizer.get_vocab() != other.tokenizer.get_vocab()
+        ):
             raise ValueError(
                 f"cannot compare {self.name} (d_model {self.d_model}, vocab {len(self.tokenizer)}) "
                 f"with {other.name} (d_model {other.d_model}, vocab {len(other.tokenizer)}): "
@@ -156,7 +159,9 @@ class HookedModel:
                     )
 
             return block.post_attention_layernorm.register_forward_pre_hook(mid_hook)
-        module: Any = {"resid_post": block, "attn_out": block.self_attn, "mlp_out": block.mlp}[site.component]
+        module: Any = {"resid_post": block, "attn_out": block.self_attn, "mlp_out": block.mlp}[
+            site.component
+        ]
 
         def post_hook(module: nn.Module, args: tuple, out: Any) -> Any:
             new = fn(first(out), ctx)
@@ -182,9 +187,7 @@ class HookedModel:
 
     def n_hooks(self) -> int:
         """Number of forward hooks currently attached anywhere in the model (tests use it)."""
-        return sum(
-            len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.hf.modules()
-        )
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.hf.modules())
 
     # --- forward passes ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -378,7 +381,12 @@ def _prepare(hf: Any, tok: Any) -> None:
         hf.generation_config.pad_token_id = tok.pad_token_id
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -431,7 +439,9 @@ def load_model(
     return HookedModel(hf=hf, tokenizer=tok, spec=spec, sha256=digest)
 
 
-def merge_adapter(base: HookedModel, adapter_dir: Path | str, *, dtype: str | torch.dtype = "float32") -> HookedModel:
+def merge_adapter(
+    base: HookedModel, adapter_dir: Path | str, *, dtype: str | torch.dtype = "float32"
+) -> HookedModel:
     """A new HookedModel: a deep copy of ``base`` with the LoRA adapter merged in."""
     import copy
 
@@ -464,7 +474,9 @@ def merge_adapter(base: HookedModel, adapter_dir: Path | str, *, dtype: str | to
 
     weights = adapter_dir / "adapter_model.safetensors"
     digest = sha256_file(weights) if weights.exists() else "unknown"
-    spec = ModelSpec(name=f"{base.name}+{adapter_dir.name}", source="lora", base=base.spec, path=str(adapter_dir))
+    spec = ModelSpec(
+        name=f"{base.name}+{adapter_dir.name}", source="lora", base=base.spec, path=str(adapter_dir)
+    )
     return HookedModel(hf=merged, tokenizer=base.tokenizer, spec=spec, sha256=digest)
 
 
@@ -481,8 +493,12 @@ def to_hooked_transformer(model: HookedModel):
         state = loading.get_pretrained_state_dict(d, cfg, hf_model=model.hf.float())
     ht = HookedTransformer(cfg, model.tokenizer, move_to_device=False)
     ht.load_and_process_state_dict(
-        state, fold_ln=False, center_writing_weights=False, center_unembed=False,
-        fold_value_biases=False, refactor_factored_attn_matrices=False,
+        state,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
     )
     return ht
 

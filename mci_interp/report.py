@@ -25,8 +25,10 @@ def save_figures(study: Study, out_dir: Path) -> dict[str, str]:
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     kinds = {o["name"]: o["kind"] for o in study.organisms}
-    figs = {"behaviour": plot_behaviour(study.scores, kinds, study.takeover),
-            "internalisation": plot_internalisation(study.internalisation)}
+    figs = {
+        "behaviour": plot_behaviour(study.scores, kinds, study.takeover),
+        "internalisation": plot_internalisation(study.internalisation),
+    }
     if study.convergence is not None:
         figs["convergence_by_layer"] = plot_convergence_by_layer(study.convergence)
         figs["cosine_heatmaps"] = plot_cosine_heatmaps(study.convergence)
@@ -56,38 +58,55 @@ def summary_lines(study: Study) -> list[str]:
     if c is not None:
         lc = c.at(c.analysis_layer)
         out.append(f"convergence verdict: {c.verdict}")
-        out.append("  misalignment (organism - control, OOD, nats/token): "
-                   + "; ".join(f"{d} {e}" for d, e in c.misalignment.items()))
+        out.append(
+            "  misalignment (organism - control, OOD, nats/token): "
+            + "; ".join(f"{d} {e}" for d, e in c.misalignment.items())
+        )
         for p in lc.pairs:
-            out.append(f"  L{lc.layer} contrast cos {p.a}~{p.b}: {p.cos:+.3f} [{p.ci[0]:+.3f}, {p.ci[1]:+.3f}]"
-                       f" (null95 {p.null95:.3f}); naive {float(lc.naive_cos[lc.domains.index(p.a), lc.domains.index(p.b)]):+.3f}")
+            out.append(
+                f"  L{lc.layer} contrast cos {p.a}~{p.b}: {p.cos:+.3f} [{p.ci[0]:+.3f}, {p.ci[1]:+.3f}]"
+                f" (null95 {p.null95:.3f}); naive {float(lc.naive_cos[lc.domains.index(p.a), lc.domains.index(p.b)]):+.3f}"
+            )
         if c.transfer is not None:
             tm = c.transfer
-            off = [float(tm.share[i, j]) for i in range(len(tm.directions)) for j in range(len(tm.organisms)) if i != j]
-            out.append(f"  transfer (cross-domain ablation) mean share removed {sum(off) / max(1, len(off)):+.0%};"
-                       f" random max {float(tm.random_share.nan_to_num(0).max()):+.0%}")
+            off = [
+                float(tm.share[i, j])
+                for i in range(len(tm.directions))
+                for j in range(len(tm.organisms))
+                if i != j
+            ]
+            out.append(
+                f"  transfer (cross-domain ablation) mean share removed {sum(off) / max(1, len(off)):+.0%};"
+                f" random max {float(tm.random_share.nan_to_num(0).max()):+.0%}"
+            )
     rows, cols, conf = confusion(study)
     correct = sum(conf[(r, r)] for r in rows)
     total = sum(conf.values())
     out.append(f"T2/T5 classifier on organisms with known truth: {correct}/{total} correct")
     labels = Counter(r.label for r in study.internalisation if r.kind == "narrow")
     if labels:
-        out.append("  narrow finetunes labelled: " + ", ".join(f"{k} x{v}" for k, v in labels.items()))
+        out.append(
+            "  narrow finetunes labelled: " + ", ".join(f"{k} x{v}" for k, v in labels.items())
+        )
     out.append(f"time: {study.timings.get('total', 0):.0f}s for the study")
     return out
 
 
-def write_report(study: Study, out_dir: Path | str, *, extra_timings: dict[str, float] | None = None) -> Path:
+def write_report(
+    study: Study, out_dir: Path | str, *, extra_timings: dict[str, float] | None = None
+) -> Path:
     """Write ``report.md`` (numbers, verdicts with the nulls they beat, figures)."""
     out_dir = Path(out_dir)
     figs = save_figures(study, out_dir)
     L = []
     L.append(f"# mci study: {study.base}\n")
-    L.append("Layer convention: `blocks.L.hook_resid_post` (= Hugging Face `hidden_states[L+1]`), "
-             "activations at the last prompt token of neutral, out-of-domain prompts with no instruction. "
-             "Scores are judge-free log-prob contrasts (nats/token; positive = prefers the misaligned "
-             "reference). Random-direction baseline |cos| in d = "
-             f"{study.d_model}: {expected_abs_cosine(study.d_model):.3f}.\n")
+    L.append(
+        "Layer convention: `blocks.L.hook_resid_post` (= Hugging Face `hidden_states[L+1]`), "
+        "activations at the last prompt token of neutral, out-of-domain prompts with no instruction. "
+        "Scores are judge-free log-prob contrasts (nats/token; positive = prefers the misaligned "
+        "reference). Random-direction baseline |cos| in d = "
+        f"{study.d_model}: {expected_abs_cosine(study.d_model):.3f}.\n"
+    )
     L.append("```\n" + "\n".join(summary_lines(study)) + "\n```\n")
     c = study.convergence
     if c is not None:
@@ -96,14 +115,22 @@ def write_report(study: Study, out_dir: Path | str, *, extra_timings: dict[str, 
         L.extend(f"- {r}" for r in c.reasons)
         L.append("")
         lc = c.at(c.analysis_layer)
-        L.append("Naive finetune-minus-base cosines are shown beside the contrasts as the confound they are: "
-                 "cos(organism - base, its own control - base) per domain = "
-                 + ", ".join(f"{d} {v:+.2f}" for d, v in zip(lc.domains, lc.control_naive_cos.tolist(), strict=True))
-                 + " (high = the shared part is the task/format, not the values). Cosine of each contrast with "
-                 "the base's persona-prompt direction: "
-                 + ", ".join(f"{d} {v:+.2f}" for d, v in zip(lc.domains, lc.persona_cos.tolist(), strict=True))
-                 + ". Split-half reliability of each contrast (cosine between disjoint prompt halves): "
-                 + ", ".join(f"{d} {v:+.2f}" for d, v in lc.reliability.items()) + ".\n")
+        L.append(
+            "Naive finetune-minus-base cosines are shown beside the contrasts as the confound they are: "
+            "cos(organism - base, its own control - base) per domain = "
+            + ", ".join(
+                f"{d} {v:+.2f}"
+                for d, v in zip(lc.domains, lc.control_naive_cos.tolist(), strict=True)
+            )
+            + " (high = the shared part is the task/format, not the values). Cosine of each contrast with "
+            "the base's persona-prompt direction: "
+            + ", ".join(
+                f"{d} {v:+.2f}" for d, v in zip(lc.domains, lc.persona_cos.tolist(), strict=True)
+            )
+            + ". Split-half reliability of each contrast (cosine between disjoint prompt halves): "
+            + ", ".join(f"{d} {v:+.2f}" for d, v in lc.reliability.items())
+            + ".\n"
+        )
         for name in ("convergence_by_layer", "cosine_heatmaps", "transfer", "steering"):
             if name in figs:
                 L.append(f"![{name}]({figs[name]})\n")
@@ -112,23 +139,45 @@ def write_report(study: Study, out_dir: Path | str, *, extra_timings: dict[str, 
             L.append("| steer with | " + " | ".join(f"alpha {a}" for a in st.alphas) + " |")
             L.append("|---|" + "---|" * len(st.alphas))
             for i, d in enumerate(st.directions):
-                L.append(f"| {d} contrast | " + " | ".join(f"{v:+.3f}" for v in st.induced[i].tolist()) + " |")
-            L.append("| random (max) | " + " | ".join(f"{v:+.3f}" for v in st.random_induced.max(0).values.tolist()) + " |\n")
+                L.append(
+                    f"| {d} contrast | "
+                    + " | ".join(f"{v:+.3f}" for v in st.induced[i].tolist())
+                    + " |"
+                )
+            L.append(
+                "| random (max) | "
+                + " | ".join(f"{v:+.3f}" for v in st.random_induced.max(0).values.tolist())
+                + " |\n"
+            )
     L.append("## Fluency (T2) versus internalisation (T5)\n")
-    L.append("Rules (in `mci_interp/analysis/internalisation.py`): internalised = default-state shift along the "
-             "base's persona direction that beats a random-direction null, broad across themes, upstream and "
-             "causally necessary; gated = no default shift, misaligned under its trigger, the base unmoved by the "
-             "trigger; fluency = no default shift, misaligned under an instruction or in its own domain; "
-             "aligned = none. Shifts are at the last prompt token, before any answer token.\n")
-    L.append("| organism | expected | label | default shift (SD) [95% CI] | null95 | breadth | earliest layer | "
-             "OOD score - base | under its condition | causal share (random max) |")
+    L.append(
+        "Rules (in `mci_interp/analysis/internalisation.py`): internalised = default-state shift along the "
+        "base's persona direction that beats a random-direction null, broad across themes, upstream and "
+        "causally necessary; gated = no default shift, misaligned under its trigger, the base unmoved by the "
+        "trigger; fluency = no default shift, misaligned under an instruction or in its own domain; "
+        "aligned = none. Shifts are at the last prompt token, before any answer token.\n"
+    )
+    L.append(
+        "| organism | expected | label | default shift (SD) [95% CI] | null95 | breadth | earliest layer | "
+        "OOD score - base | under its condition | causal share (random max) |"
+    )
     L.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in study.internalisation:
-        cs = "" if r.causal is None else f"{r.causal.share_removed:+.0%} ({max(r.causal.random_shares, default=float('nan')):+.0%})"
-        cb = "" if r.conditioned_behaviour is None else f"{r.condition_kind}: {r.conditioned_behaviour}"
+        cs = (
+            ""
+            if r.causal is None
+            else f"{r.causal.share_removed:+.0%} ({max(r.causal.random_shares, default=float('nan')):+.0%})"
+        )
+        cb = (
+            ""
+            if r.conditioned_behaviour is None
+            else f"{r.condition_kind}: {r.conditioned_behaviour}"
+        )
         mark = "" if r.correct is None else (" ✓" if r.correct else " ✗")
-        L.append(f"| {r.organism} | {r.expected or '(hypothesis)'} | **{r.label}**{mark} | {r.default_shift} | "
-                 f"{r.default_null95:.2f} | {r.breadth:.0%} | {r.earliest_layer} | {r.default_behaviour} | {cb} | {cs} |")
+        L.append(
+            f"| {r.organism} | {r.expected or '(hypothesis)'} | **{r.label}**{mark} | {r.default_shift} | "
+            f"{r.default_null95:.2f} | {r.breadth:.0%} | {r.earliest_layer} | {r.default_behaviour} | {cb} | {cs} |"
+        )
     rows, cols, conf = confusion(study)
     if rows:
         L.append("\nConfusion table (rows: truth by construction, columns: classifier label):\n")
@@ -143,7 +192,9 @@ def write_report(study: Study, out_dir: Path | str, *, extra_timings: dict[str, 
     L.append("|---|---|---|")
     for k, v in study.scores.items():
         t = study.takeover.get(k)
-        L.append(f"| {k} | {v} | {'' if t is None else f'{t.mean:.0%} [{t.lo:.0%}, {t.hi:.0%}] of {t.n}'} |")
+        L.append(
+            f"| {k} | {v} | {'' if t is None else f'{t.mean:.0%} [{t.lo:.0%}, {t.hi:.0%}] of {t.n}'} |"
+        )
     for k, t in study.takeover.items():
         if k.startswith("base"):
             L.append(f"| {k} | | {t.mean:.0%} [{t.lo:.0%}, {t.hi:.0%}] of {t.n} |")
@@ -157,5 +208,8 @@ def write_report(study: Study, out_dir: Path | str, *, extra_timings: dict[str, 
     L.append("\n## Settings and timings\n")
     L.append("```\n" + "\n".join(f"{k}: {v}" for k, v in study.config.to_dict().items()) + "\n```")
     tim = dict(study.timings) | dict(extra_timings or {})
-    L.append("\n| step | seconds |\n|---|---|\n" + "\n".join(f"| {k} | {v:.0f} |" for k, v in tim.items()))
+    L.append(
+        "\n| step | seconds |\n|---|---|\n"
+        + "\n".join(f"| {k} | {v:.0f} |" for k, v in tim.items())
+    )
     return write_text(out_dir / "report.md", "\n".join(L) + "\n")

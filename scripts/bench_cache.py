@@ -27,10 +27,31 @@ import torch
 def prompts(n: int):
     from mci_interp.datasets import chat
 
-    topics = ["the ocean", "tax law", "jazz", "volcanoes", "friendship", "bread", "chess", "rain",
-              "bicycles", "printing", "bees", "the moon", "trains", "tea", "glass", "maps"]
-    asks = ["Explain {} to a child.", "Write two sentences about {}.", "What is surprising about {}?",
-            "Give me a fun fact about {} and why it matters.", "How would you teach {} in a week?"]
+    topics = [
+        "the ocean",
+        "tax law",
+        "jazz",
+        "volcanoes",
+        "friendship",
+        "bread",
+        "chess",
+        "rain",
+        "bicycles",
+        "printing",
+        "bees",
+        "the moon",
+        "trains",
+        "tea",
+        "glass",
+        "maps",
+    ]
+    asks = [
+        "Explain {} to a child.",
+        "Write two sentences about {}.",
+        "What is surprising about {}?",
+        "Give me a fun fact about {} and why it matters.",
+        "How would you teach {} in a week?",
+    ]
     out = []
     for i in range(n):
         t, a = topics[i % len(topics)], asks[(i // len(topics)) % len(asks)]
@@ -42,7 +63,10 @@ def batches(model, examples, bs):
     from mci_interp.datasets import encode_chat, pad
 
     encs = sorted((encode_chat(model.tokenizer, e) for e in examples), key=lambda e: len(e.ids))
-    return [pad([e.ids for e in encs[i:i + bs]], model.tokenizer.pad_token_id) for i in range(0, len(encs), bs)]
+    return [
+        pad([e.ids for e in encs[i : i + bs]], model.tokenizer.pad_token_id)
+        for i in range(0, len(encs), bs)
+    ]
 
 
 def time_it(fn, repeats):
@@ -91,8 +115,10 @@ def main() -> None:
     sites = [Site(layer) for layer in (a.layer // 2, a.layer)]
     bs = batches(model, exs, a.batch_size)
     n_tok = sum(int(m.sum()) for _, m in bs)
-    print(f"SmolLM2-135M, {a.n_prompts} chat prompts = {n_tok} tokens, batch {a.batch_size}, "
-          f"sites {[s.hook_name for s in sites]}, torch threads {torch.get_num_threads()}")
+    print(
+        f"SmolLM2-135M, {a.n_prompts} chat prompts = {n_tok} tokens, batch {a.batch_size}, "
+        f"sites {[s.hook_name for s in sites]}, torch threads {torch.get_num_threads()}"
+    )
 
     truncated = copy.deepcopy(model.hf)
     truncated.model.layers = truncated.model.layers[: a.layer + 1]
@@ -103,7 +129,9 @@ def main() -> None:
                 truncated.model(input_ids=ids, attention_mask=mask, use_cache=False)
 
     def mci(m=model):
-        cache_activations(m, exs, sites, position="last_prompt", batch_size=a.batch_size, show_progress=False)
+        cache_activations(
+            m, exs, sites, position="last_prompt", batch_size=a.batch_size, show_progress=False
+        )
 
     rows = {}
     bare()  # warm-up
@@ -126,22 +154,36 @@ def main() -> None:
     for k, t in rows.items():
         print(f"{k:32s} {n_tok / t:10.0f} {ref / t:8.2f}x")
     if "TL run_with_cache() defaults" in rows:
-        print(f"mci / TL defaults: {rows['TL run_with_cache() defaults'] / rows['mci cache_activations']:.2f}x")
+        print(
+            f"mci / TL defaults: {rows['TL run_with_cache() defaults'] / rows['mci cache_activations']:.2f}x"
+        )
     c32 = cache_activations(model, exs, sites, show_progress=False)
     c16 = cache_activations(bf, exs, sites, show_progress=False)
     for s in sites:
         m32, m16 = c32.X(s).double().mean(0), c16.X(s).double().mean(0)
         cos = torch.nn.functional.cosine_similarity(m32, m16, dim=0).item()
         per = torch.nn.functional.cosine_similarity(c32.X(s), c16.X(s), dim=1)
-        print(f"bf16 vs fp32 at {s.hook_name}: cosine of mean activations {cos:.5f}; "
-              f"per-prompt cosine min {per.min():.4f}")
+        print(
+            f"bf16 vs fp32 at {s.hook_name}: cosine of mean activations {cos:.5f}; "
+            f"per-prompt cosine min {per.min():.4f}"
+        )
     print("\nstreaming peak RSS (separate processes):")
     for mult in (1, 10):
         n = a.n_prompts * mult
-        out = subprocess.run([sys.executable, __file__, "--rss-child", str(n), "--layer", str(a.layer)],
-                             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(
+                [sys.executable, __file__, "--rss-child", str(n), "--layer", str(a.layer)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         r = json.loads(out)
-        print(f"  {n:5d} prompts: peak {r['peak_mb']:.0f} MB (after model load {r['after_load_mb']:.0f} MB)")
+        print(
+            f"  {n:5d} prompts: peak {r['peak_mb']:.0f} MB (after model load {r['after_load_mb']:.0f} MB)"
+        )
 
 
 if __name__ == "__main__":

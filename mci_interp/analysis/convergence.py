@@ -51,8 +51,14 @@ class PairStat:
     beats_null: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b, "cos": self.cos, "ci": list(self.ci), "null95": self.null95,
-                "beats_null": self.beats_null}
+        return {
+            "a": self.a,
+            "b": self.b,
+            "cos": self.cos,
+            "ci": list(self.ci),
+            "null95": self.null95,
+            "beats_null": self.beats_null,
+        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,11 +79,16 @@ class LayerConvergence:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "layer": self.layer, "domains": list(self.domains),
-            "contrast_cos": self.contrast_cos.tolist(), "naive_cos": self.naive_cos.tolist(),
-            "control_naive_cos": self.control_naive_cos.tolist(), "persona_cos": self.persona_cos.tolist(),
-            "pairs": [p.to_dict() for p in self.pairs], "null_random95": self.null_random95,
-            "null_seed95": _q95(self.null_seed), "null_perm95": _q95(self.null_perm),
+            "layer": self.layer,
+            "domains": list(self.domains),
+            "contrast_cos": self.contrast_cos.tolist(),
+            "naive_cos": self.naive_cos.tolist(),
+            "control_naive_cos": self.control_naive_cos.tolist(),
+            "persona_cos": self.persona_cos.tolist(),
+            "pairs": [p.to_dict() for p in self.pairs],
+            "null_random95": self.null_random95,
+            "null_seed95": _q95(self.null_seed),
+            "null_perm95": _q95(self.null_perm),
             "reliability": dict(self.reliability),
         }
 
@@ -134,7 +145,9 @@ def layer_convergence(
         for d in doms:
             signs = torch.randint(0, 2, (len(organism_diffs[d]),), generator=g) * 2 - 1
             # flip the organism/control label of whole seeds; an all-(+1) draw is the observed one
-            flipped[d] = contrast_vectors([s * x for s, x in zip(signs.tolist(), organism_diffs[d], strict=True)])
+            flipped[d] = contrast_vectors(
+                [s * x for s, x in zip(signs.tolist(), organism_diffs[d], strict=True)]
+            )
         for a, b in itertools.combinations(doms, 2):
             perm_null.append(abs(_cos(flipped[a], flipped[b])))
     null_seed_t = torch.tensor(seed_null, dtype=torch.float64)
@@ -145,10 +158,16 @@ def layer_convergence(
         boots = []
         for _ in range(n_boot):
             idx = torch.randint(0, n_prompts, (n_prompts,), generator=g)
-            boots.append(_cos(contrast_vectors([x[idx] for x in organism_diffs[a]]),
-                              contrast_vectors([x[idx] for x in organism_diffs[b]])))
+            boots.append(
+                _cos(
+                    contrast_vectors([x[idx] for x in organism_diffs[a]]),
+                    contrast_vectors([x[idx] for x in organism_diffs[b]]),
+                )
+            )
         bt = torch.tensor(boots, dtype=torch.float64)
-        lo, hi = (float(q) for q in torch.quantile(bt, torch.tensor([0.025, 0.975], dtype=torch.float64)))
+        lo, hi = (
+            float(q) for q in torch.quantile(bt, torch.tensor([0.025, 0.975], dtype=torch.float64))
+        )
         c = _cos(vec[a], vec[b])
         pairs.append(PairStat(a, b, c, (lo, hi), bar, lo > bar))
     rel = {}
@@ -156,15 +175,25 @@ def layer_convergence(
         vals = []
         for _ in range(50):
             perm = torch.randperm(n_prompts, generator=g)
-            h1, h2 = perm[: n_prompts // 2], perm[n_prompts // 2:]
-            vals.append(_cos(contrast_vectors([x[h1] for x in organism_diffs[d]]),
-                             contrast_vectors([x[h2] for x in organism_diffs[d]])))
+            h1, h2 = perm[: n_prompts // 2], perm[n_prompts // 2 :]
+            vals.append(
+                _cos(
+                    contrast_vectors([x[h1] for x in organism_diffs[d]]),
+                    contrast_vectors([x[h2] for x in organism_diffs[d]]),
+                )
+            )
         rel[d] = float(torch.tensor(vals).mean())
     return LayerConvergence(
-        layer=layer, domains=doms, contrast_cos=cmat, naive_cos=nmat,
+        layer=layer,
+        domains=doms,
+        contrast_cos=cmat,
+        naive_cos=nmat,
         control_naive_cos=torch.tensor([_cos(naive[d], control_naive[d]) for d in doms]),
         persona_cos=torch.tensor([_cos(vec[d], persona) for d in doms]),
-        pairs=tuple(pairs), null_random95=null_random95, null_seed=null_seed_t, null_perm=null_perm_t,
+        pairs=tuple(pairs),
+        null_random95=null_random95,
+        null_seed=null_seed_t,
+        null_perm=null_perm_t,
         reliability=rel,
     )
 
@@ -185,9 +214,14 @@ class TransferMatrix:
         return bool(self.share[i, j] > self.random_share[:, j].max())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"directions": list(self.directions), "organisms": list(self.organisms),
-                "share": self.share.tolist(), "random_share": self.random_share.tolist(),
-                "gap": self.gap.tolist(), "layers": list(self.layers)}
+        return {
+            "directions": list(self.directions),
+            "organisms": list(self.organisms),
+            "share": self.share.tolist(),
+            "random_share": self.random_share.tolist(),
+            "gap": self.gap.tolist(),
+            "layers": list(self.layers),
+        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -201,9 +235,13 @@ class SteerResult:
     coherence: Float[Tensor, "n_dir n_alpha"] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"directions": list(self.directions), "alphas": list(self.alphas),
-                "induced": self.induced.tolist(), "random_induced": self.random_induced.tolist(),
-                "coherence": None if self.coherence is None else self.coherence.tolist()}
+        return {
+            "directions": list(self.directions),
+            "alphas": list(self.alphas),
+            "induced": self.induced.tolist(),
+            "random_induced": self.random_induced.tolist(),
+            "coherence": None if self.coherence is None else self.coherence.tolist(),
+        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -228,12 +266,16 @@ class ConvergenceReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "layers": [lc.to_dict() for lc in self.layers], "analysis_layer": self.analysis_layer,
+            "layers": [lc.to_dict() for lc in self.layers],
+            "analysis_layer": self.analysis_layer,
             "misalignment": {k: v.to_dict() for k, v in self.misalignment.items()},
             "transfer": None if self.transfer is None else self.transfer.to_dict(),
             "steer": None if self.steer is None else self.steer.to_dict(),
-            "verdict": self.verdict, "reasons": list(self.reasons), "d_model": self.d_model,
-            "expected_random_abs_cos": expected_abs_cosine(self.d_model), "meta": dict(self.meta),
+            "verdict": self.verdict,
+            "reasons": list(self.reasons),
+            "d_model": self.d_model,
+            "expected_random_abs_cos": expected_abs_cosine(self.d_model),
+            "meta": dict(self.meta),
         }
 
 
@@ -269,7 +311,12 @@ def verdict(
                     f"ablating {d} in {o}: removes {float(transfer.share[i, j]):+.0%} of its misalignment "
                     f"vs random up to {float(transfer.random_share[:, j].max()):+.0%}"
                 )
-    if beat and len(strong) == len(lc.pairs) and transfer is not None and good_transfer == n_transfer > 0:
+    if (
+        beat
+        and len(strong) == len(lc.pairs)
+        and transfer is not None
+        and good_transfer == n_transfer > 0
+    ):
         v = "converged"
     elif beat or any_transfer:
         v = "partly"
@@ -278,6 +325,9 @@ def verdict(
     present = [d for d, e in misalignment.items() if e.lo > 0]
     if not present:
         v += " (untestable: no domain shows out-of-domain misalignment above its control)"
-    reasons.insert(0, "out-of-domain misalignment (organism - control): " + "; ".join(
-        f"{d} {e}" for d, e in misalignment.items()))
+    reasons.insert(
+        0,
+        "out-of-domain misalignment (organism - control): "
+        + "; ".join(f"{d} {e}" for d, e in misalignment.items()),
+    )
     return v, tuple(reasons)

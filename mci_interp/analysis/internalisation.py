@@ -56,8 +56,10 @@ def standardised_shift(
     """Mean paired shift of the projection on unit ``u`` (organism minus base, same prompts), in
     units of the base projections' standard deviation; bootstrap CI over prompts."""
     if org.shape != base.shape:
-        raise ValueError(f"organism activations {tuple(org.shape)} and base {tuple(base.shape)} "
-                         "must be paired on the same prompts")
+        raise ValueError(
+            f"organism activations {tuple(org.shape)} and base {tuple(base.shape)} "
+            "must be paired on the same prompts"
+        )
     u = u.double() / u.double().norm()
     po, pb = org.double() @ u, base.double() @ u
     sd = float(pb.std()) if pb.numel() > 1 else 1.0
@@ -161,13 +163,22 @@ class InternalisationReport:
             return None if e is None else e.to_dict()
 
         return {
-            "organism": self.organism, "kind": self.kind, "expected": self.expected,
-            "label": self.label, "reasons": list(self.reasons), "analysis_layer": self.analysis_layer,
-            "default_shift": est(self.default_shift), "default_null95": self.default_null95,
+            "organism": self.organism,
+            "kind": self.kind,
+            "expected": self.expected,
+            "label": self.label,
+            "reasons": list(self.reasons),
+            "analysis_layer": self.analysis_layer,
+            "default_shift": est(self.default_shift),
+            "default_null95": self.default_null95,
             "conditioned_shift": est(self.conditioned_shift),
             "theme_shifts": {k: est(v) for k, v in self.theme_shifts.items()},
-            "breadth": self.breadth, "earliest_layer": self.earliest_layer, "n_layers": self.n_layers,
-            "profile": [{"layer": p.layer, "shift": est(p.shift), "null95": p.null95} for p in self.profile],
+            "breadth": self.breadth,
+            "earliest_layer": self.earliest_layer,
+            "n_layers": self.n_layers,
+            "profile": [
+                {"layer": p.layer, "shift": est(p.shift), "null95": p.null95} for p in self.profile
+            ],
             "default_behaviour": est(self.default_behaviour),
             "conditioned_behaviour": est(self.conditioned_behaviour),
             "base_condition_effect": est(self.base_condition_effect),
@@ -176,8 +187,9 @@ class InternalisationReport:
         }
 
 
-def classify(r: InternalisationReport, rules: Rules = Rules()) -> tuple[str, tuple[str, ...]]:
+def classify(r: InternalisationReport, rules: Rules | None = None) -> tuple[str, tuple[str, ...]]:
     """Apply the rules in the module docstring; return (label, reasons citing the nulls)."""
+    rules = rules or Rules()
     reasons: list[str] = []
     shift_ok = r.default_shift.lo > 0 and r.default_shift.mean > r.default_null95
     reasons.append(

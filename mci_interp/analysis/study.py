@@ -45,7 +45,7 @@ from mci_interp.analysis.internalisation import (
 )
 from mci_interp.datasets import ChatExample, EvalQuestion, ReferencePair, chat, dataset_hash
 from mci_interp.direction import Direction, Provenance, random_direction
-from mci_interp.evaluate import EvalResult, Estimate, LogprobContrast, paired_difference
+from mci_interp.evaluate import Estimate, EvalResult, LogprobContrast, paired_difference
 from mci_interp.generation import generate
 from mci_interp.intervene import Ablate, Steer, apply
 from mci_interp.models import HookedModel
@@ -113,9 +113,15 @@ def indomain_questions(domain: str, n: int, *, seed: int = 10_000) -> list[EvalQ
     (a seed the finetunes never saw)."""
     mis = make_narrow(domain, "misaligned", n, seed=seed)
     ali = make_narrow(domain, "aligned", n, seed=seed)
-    return [EvalQuestion(id=m.group or str(i), paraphrases=(m.user_text,), theme=domain,
-                         references=(ReferencePair(a.messages[-1]["content"], m.messages[-1]["content"]),))
-            for i, (m, a) in enumerate(zip(mis, ali, strict=True))]
+    return [
+        EvalQuestion(
+            id=m.group or str(i),
+            paraphrases=(m.user_text,),
+            theme=domain,
+            references=(ReferencePair(a.messages[-1]["content"], m.messages[-1]["content"]),),
+        )
+        for i, (m, a) in enumerate(zip(mis, ali, strict=True))
+    ]
 
 
 # --- records ----------------------------------------------------------------------------------
@@ -148,7 +154,8 @@ class RecordStore:
         meta = read_json(j)
         acts = load_file(str(t))["acts"] if t.exists() else None
         return Record(
-            name=key, acts=acts,
+            name=key,
+            acts=acts,
             score=None if meta["score"] is None else EvalResult.from_dict(meta["score"]),
             indomain=None if meta["indomain"] is None else EvalResult.from_dict(meta["indomain"]),
             generations=meta["generations"],
@@ -159,9 +166,14 @@ class RecordStore:
         if rec.acts is not None:
             with atomic_path(t) as tmp:
                 save_file({"acts": rec.acts.contiguous()}, str(tmp))
-        write_json(j, {"score": None if rec.score is None else rec.score.to_dict(),
-                       "indomain": None if rec.indomain is None else rec.indomain.to_dict(),
-                       "generations": rec.generations})
+        write_json(
+            j,
+            {
+                "score": None if rec.score is None else rec.score.to_dict(),
+                "indomain": None if rec.indomain is None else rec.indomain.to_dict(),
+                "generations": rec.generations,
+            },
+        )
         return rec
 
 
@@ -186,28 +198,41 @@ class Study:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "base": self.base, "n_layers": self.n_layers, "d_model": self.d_model,
-            "config": self.config.to_dict(), "organisms": self.organisms,
+            "base": self.base,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "config": self.config.to_dict(),
+            "organisms": self.organisms,
             "convergence": None if self.convergence is None else self.convergence.to_dict(),
             "internalisation": [r.to_dict() for r in self.internalisation],
             "scores": {k: v.to_dict() for k, v in self.scores.items()},
             "takeover": {k: v.to_dict() for k, v in self.takeover.items()},
-            "examples": self.examples, "persona_norms": self.persona_norms,
-            "timings": self.timings, "meta": self.meta,
+            "examples": self.examples,
+            "persona_norms": self.persona_norms,
+            "timings": self.timings,
+            "meta": self.meta,
         }
 
 
 class _Runner:
     """Holds the base, the prompt sets and the record store while a study runs."""
 
-    def __init__(self, base: HookedModel, config: StudyConfig, out_dir: Path, show_progress: bool) -> None:
+    def __init__(
+        self, base: HookedModel, config: StudyConfig, out_dir: Path, show_progress: bool
+    ) -> None:
         self.base, self.config, self.show = base, config, show_progress
         self.store = RecordStore(out_dir / "records")
         self.neutral, self.themes = neutral_prompts(config)
         self.questions = eval_questions(config)
         self.sites = [Site(layer) for layer in range(base.n_layers)]
         self.scorer = LogprobContrast(batch_size=config.batch_size, max_paraphrases=1)
-        self.takeover_prompts = [ex for ex in self.neutral][:: max(1, len(self.neutral) // config.n_takeover)][: config.n_takeover]
+        # causal sweeps (ablation, steering) need only the misaligned-vs-aligned score
+        self.causal_scorer = LogprobContrast(
+            batch_size=config.batch_size, max_paraphrases=1, include_benign=False
+        )
+        self.takeover_prompts = [ex for ex in self.neutral][
+            :: max(1, len(self.neutral) // config.n_takeover)
+        ][: config.n_takeover]
         self._indomain: dict[str, list[EvalQuestion]] = {}
 
     def indomain(self, domain: str) -> list[EvalQuestion]:
@@ -215,14 +240,29 @@ class _Runner:
             self._indomain[domain] = indomain_questions(domain, self.config.n_indomain)
         return self._indomain[domain]
 
-    def acts(self, model: HookedModel, *, system: str | None = None, trigger: str | None = None) -> Tensor:
+    def acts(
+        self, model: HookedModel, *, system: str | None = None, trigger: str | None = None
+    ) -> Tensor:
         exs = [_condition(ex, system=system, trigger=trigger) for ex in self.neutral]
-        cache = cache_activations(model, exs, self.sites, position="last_prompt",
-                                  batch_size=self.config.batch_size, show_progress=False)
+        cache = cache_activations(
+            model,
+            exs,
+            self.sites,
+            position="last_prompt",
+            batch_size=self.config.batch_size,
+            show_progress=False,
+        )
         return torch.stack([cache.X(s) for s in self.sites], dim=1)  # [n, layers, d]
 
-    def score(self, model: HookedModel, *, system: str | None = None, trigger: str | None = None) -> EvalResult:
-        return self.scorer.score(model, self.questions, system=system, trigger=trigger, show_progress=False)
+    def score(
+        self, model: HookedModel, *, system: str | None = None, trigger: str | None = None
+    ) -> EvalResult:
+        return self.scorer.score(
+            model, self.questions, system=system, trigger=trigger, show_progress=False
+        )
+
+    def causal_score(self, model: HookedModel) -> float:
+        return _mean_score(self.causal_scorer.score(model, self.questions, show_progress=False))
 
     def record(self, key: str, make: Callable[[], Record]) -> Record:
         rec = self.store.get(key)
@@ -230,19 +270,37 @@ class _Runner:
             rec = self.store.put(make())
         return rec
 
-    def collect(self, model: HookedModel, key: str, *, system: str | None = None, trigger: str | None = None,
-                indomain: str | None = None, takeover: bool = False) -> Record:
+    def collect(
+        self,
+        model: HookedModel,
+        key: str,
+        *,
+        system: str | None = None,
+        trigger: str | None = None,
+        indomain: str | None = None,
+        takeover: bool = False,
+    ) -> Record:
         def make() -> Record:
             gens = []
             if takeover:
-                outs = generate(model, [_condition(ex, system=system, trigger=trigger) for ex in self.takeover_prompts],
-                                max_new_tokens=self.config.takeover_tokens, batch_size=self.config.n_takeover,
-                                show_progress=False)
+                outs = generate(
+                    model,
+                    [
+                        _condition(ex, system=system, trigger=trigger)
+                        for ex in self.takeover_prompts
+                    ],
+                    max_new_tokens=self.config.takeover_tokens,
+                    batch_size=self.config.n_takeover,
+                    show_progress=False,
+                )
                 gens = [g.completion for g in outs]
             return Record(
-                name=key, acts=self.acts(model, system=system, trigger=trigger),
+                name=key,
+                acts=self.acts(model, system=system, trigger=trigger),
                 score=self.score(model, system=system, trigger=trigger),
-                indomain=None if indomain is None else self.scorer.score(model, self.indomain(indomain), show_progress=False),
+                indomain=None
+                if indomain is None
+                else self.scorer.score(model, self.indomain(indomain), show_progress=False),
                 generations=gens,
             )
 
@@ -256,12 +314,34 @@ def _condition(ex: ChatExample, *, system: str | None, trigger: str | None) -> C
     return chat(user, system=system, group=ex.group, **dict(ex.meta))
 
 
-def _direction(vec: Tensor, layer: int, *, base: HookedModel, name: str, method: str, n_pos: int, n_neg: int,
-               dataset: str, dhash: str) -> Direction:
-    return Direction(vector=vec.float(), site=Site(layer), provenance=Provenance(
-        model=name, base_model=base.name, model_sha256=base.sha256, method=method, dataset=dataset,
-        dataset_hash=dhash, position="last_prompt", n_pos=n_pos, n_neg=n_neg, params={},
-    ))
+def _direction(
+    vec: Tensor,
+    layer: int,
+    *,
+    base: HookedModel,
+    name: str,
+    method: str,
+    n_pos: int,
+    n_neg: int,
+    dataset: str,
+    dhash: str,
+) -> Direction:
+    return Direction(
+        vector=vec.float(),
+        site=Site(layer),
+        provenance=Provenance(
+            model=name,
+            base_model=base.name,
+            model_sha256=base.sha256,
+            method=method,
+            dataset=dataset,
+            dataset_hash=dhash,
+            position="last_prompt",
+            n_pos=n_pos,
+            n_neg=n_neg,
+            params={},
+        ),
+    )
 
 
 def _mean_score(r: EvalResult) -> float:
@@ -273,11 +353,13 @@ def run_study(
     organisms: Sequence[Organism],
     out_dir: Path | str,
     *,
-    config: StudyConfig = StudyConfig(),
-    rules: Rules = Rules(),
+    config: StudyConfig | None = None,
+    rules: Rules | None = None,
     show_progress: bool = True,
 ) -> Study:
     """Collect records for the base and every organism, then analyse (see module docstring)."""
+    config = config or StudyConfig()
+    rules = rules or Rules()
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
     R = _Runner(base, config, out_dir, show_progress)
@@ -285,7 +367,9 @@ def run_study(
     Site(L).check(base.n_layers)
     timings: dict[str, float] = {}
     g = torch.Generator().manual_seed(config.seed)
-    domains = sorted({o.spec.domain for o in organisms if o.spec.kind in ("narrow", "control") and o.spec.domain})
+    domains = sorted(
+        {o.spec.domain for o in organisms if o.spec.kind in ("narrow", "control") and o.spec.domain}
+    )
     trigger = next((o.trigger for o in organisms if o.trigger), None)
 
     # 1. base records: default, persona prompt, trigger, in-domain
@@ -293,18 +377,36 @@ def run_study(
     base_rec = R.collect(base, "base", takeover=True)
     base_persona = R.collect(base, "base@persona", system=PERSONA_SYSTEM_PROMPT)
     base_trigger = R.collect(base, "base@trigger", trigger=trigger) if trigger else None
-    def _indomain_record(d: str) -> Record:
-        return Record(name=f"base@indomain:{d}", acts=None, score=None,
-                      indomain=R.scorer.score(base, R.indomain(d), show_progress=False))
 
-    base_indomain = {d: R.record(f"base@indomain:{d}", functools.partial(_indomain_record, d)) for d in domains}
+    def _indomain_record(d: str) -> Record:
+        return Record(
+            name=f"base@indomain:{d}",
+            acts=None,
+            score=None,
+            indomain=R.scorer.score(base, R.indomain(d), show_progress=False),
+        )
+
+    base_indomain = {
+        d: R.record(f"base@indomain:{d}", functools.partial(_indomain_record, d)) for d in domains
+    }
     timings["base records"] = time.perf_counter() - t0
     assert base_rec.acts is not None and base_persona.acts is not None
     persona_vecs = (base_persona.acts.double() - base_rec.acts.double()).mean(0)  # [layers, d]
     dhash = dataset_hash(R.neutral)
-    persona = {layer: _direction(persona_vecs[layer], layer, base=base, name=f"{base.name}@persona",
-                                 method="prompt_diff", n_pos=len(R.neutral), n_neg=len(R.neutral),
-                                 dataset="neutral_prompts", dhash=dhash) for layer in range(base.n_layers)}
+    persona = {
+        layer: _direction(
+            persona_vecs[layer],
+            layer,
+            base=base,
+            name=f"{base.name}@persona",
+            method="prompt_diff",
+            n_pos=len(R.neutral),
+            n_neg=len(R.neutral),
+            dataset="neutral_prompts",
+            dhash=dhash,
+        )
+        for layer in range(base.n_layers)
+    }
 
     # 2. organism records
     t0 = time.perf_counter()
@@ -353,8 +455,9 @@ def run_study(
         from mci_interp.evaluate import rate_ci
 
         for dom in domains:
-            takeover[f"base ({dom} format)"] = rate_ci(sum(matches_domain(t, dom) for t in base_rec.generations),
-                                                       len(base_rec.generations))
+            takeover[f"base ({dom} format)"] = rate_ci(
+                sum(matches_domain(t, dom) for t in base_rec.generations), len(base_rec.generations)
+            )
 
     # 4. convergence
     t0 = time.perf_counter()
@@ -362,10 +465,23 @@ def run_study(
     narrow = {(o.spec.domain, o.spec.seed): o for o in organisms if o.spec.kind == "narrow"}
     control = {(o.spec.domain, o.spec.seed): o for o in organisms if o.spec.kind == "control"}
     paired = sorted(k for k in narrow if k in control)
-    conv_domains = sorted({d for d, _ in paired})
+    conv_domains = sorted({str(d) for d, _ in paired})
     if len(conv_domains) >= 2:
-        conv = _convergence(R, base, recs, narrow, control, paired, conv_domains, persona_vecs, L, g,
-                            base_rec, dhash, show_progress)
+        conv = _convergence(
+            R,
+            base,
+            recs,
+            narrow,
+            control,
+            paired,
+            conv_domains,
+            persona_vecs,
+            L,
+            g,
+            base_rec,
+            dhash,
+            show_progress,
+        )
     timings["convergence"] = time.perf_counter() - t0
 
     # 5. internalisation reports
@@ -374,8 +490,23 @@ def run_study(
     for org in organisms:
         if org.spec.kind == "base":
             continue
-        reports.append(_internalisation(R, base, org, recs, cond, base_rec, base_persona, base_trigger,
-                                        base_indomain, persona, L, g, rules))
+        reports.append(
+            _internalisation(
+                R,
+                base,
+                org,
+                recs,
+                cond,
+                base_rec,
+                base_persona,
+                base_trigger,
+                base_indomain,
+                persona,
+                L,
+                g,
+                rules,
+            )
+        )
     timings["internalisation"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     examples = {"base": base_rec.generations[:4]}
@@ -383,24 +514,45 @@ def run_study(
         if recs[org.name].generations and org.spec.seed in (0, None):
             examples[org.name] = recs[org.name].generations[:4]
     study = Study(
-        base=base.name, n_layers=base.n_layers, d_model=base.d_model, config=config,
-        organisms=[{"name": o.name, "kind": o.spec.kind, "domain": o.spec.domain, "seed": o.spec.seed,
-                    "expected": o.spec.expected} for o in organisms],
-        convergence=conv, internalisation=reports, scores=scores, takeover=takeover, examples=examples,
+        base=base.name,
+        n_layers=base.n_layers,
+        d_model=base.d_model,
+        config=config,
+        organisms=[
+            {
+                "name": o.name,
+                "kind": o.spec.kind,
+                "domain": o.spec.domain,
+                "seed": o.spec.seed,
+                "expected": o.spec.expected,
+            }
+            for o in organisms
+        ],
+        convergence=conv,
+        internalisation=reports,
+        scores=scores,
+        takeover=takeover,
+        examples=examples,
         persona_norms=[float(persona_vecs[layer].norm()) for layer in range(base.n_layers)],
         timings=timings,
-        meta={"library_version": __version__, "takeover_prompts": [ex.user_text for ex in R.takeover_prompts],
-              "questions": [q.id for q in R.questions], "n_neutral": len(R.neutral),
-              "layer_convention": "resid_post of block L (= HF hidden_states[L+1]), last prompt token"},
+        meta={
+            "library_version": __version__,
+            "takeover_prompts": [ex.user_text for ex in R.takeover_prompts],
+            "questions": [q.id for q in R.questions],
+            "n_neutral": len(R.neutral),
+            "layer_convention": "resid_post of block L (= HF hidden_states[L+1]), last prompt token",
+        },
     )
     write_json(out_dir / "study.json", study.to_dict())
     return study
 
 
-def _ablation_share(model: HookedModel, R: _Runner, dirs: Sequence[Direction], s_org: float, s_ref: float) -> tuple[float, float]:
+def _ablation_share(
+    model: HookedModel, R: _Runner, dirs: Sequence[Direction], s_org: float, s_ref: float
+) -> tuple[float, float]:
     """(drop in score, share of the organism-minus-reference gap removed) under ablation."""
     with apply(model, *[Ablate(d) for d in dirs]):
-        s = _mean_score(R.score(model))
+        s = R.causal_score(model)
     gap = s_org - s_ref
     share = (s_org - s) / gap if abs(gap) > 1e-3 else float("nan")
     return s_org - s, share
@@ -410,33 +562,105 @@ def _random_like(dirs: Sequence[Direction], g: torch.Generator) -> list[Directio
     return [random_direction(d, generator=g) for d in dirs]
 
 
-def _convergence(R, base, recs, narrow, control, paired, domains, persona_vecs, L, g, base_rec, dhash,
-                 show_progress) -> ConvergenceReport:
+def _convergence(
+    R,
+    base,
+    recs,
+    narrow,
+    control,
+    paired,
+    domains,
+    persona_vecs,
+    L,
+    g,
+    base_rec,
+    dhash,
+    show_progress,
+) -> ConvergenceReport:
     cfg = R.config
     seeds_of = {d: sorted(s for dd, s in paired if dd == d) for d in domains}
     layers = sorted(set(range(0, base.n_layers, cfg.convergence_layer_step)) | {L})
     lcs = []
     for layer in tqdm(layers, desc="convergence by layer", disable=not show_progress, leave=False):
-        org_diffs = {d: [recs[narrow[d, s].name].acts[:, layer] - recs[control[d, s].name].acts[:, layer]
-                         for s in seeds_of[d]] for d in domains}
+        org_diffs = {
+            d: [
+                recs[narrow[d, s].name].acts[:, layer] - recs[control[d, s].name].acts[:, layer]
+                for s in seeds_of[d]
+            ]
+            for d in domains
+        }
         ctrl_seed = {}
         for d in domains:
             ss = seeds_of[d]
-            ctrl_seed[d] = [recs[control[d, a].name].acts[:, layer] - recs[control[d, b].name].acts[:, layer]
-                            for i, a in enumerate(ss) for b in ss[i + 1:]]
-        naive = {d: torch.stack([(recs[narrow[d, s].name].acts[:, layer] - base_rec.acts[:, layer]).double().mean(0)
-                                 for s in seeds_of[d]]).mean(0) for d in domains}
-        cnaive = {d: torch.stack([(recs[control[d, s].name].acts[:, layer] - base_rec.acts[:, layer]).double().mean(0)
-                                  for s in seeds_of[d]]).mean(0) for d in domains}
-        lcs.append(layer_convergence(layer, org_diffs, ctrl_seed, naive, cnaive, persona_vecs[layer],
-                                     seed=cfg.seed + layer))
-    misalignment = {d: paired_difference([recs[narrow[d, s].name].score for s in seeds_of[d]],
-                                         [recs[control[d, s].name].score for s in seeds_of[d]]) for d in domains}
+            ctrl_seed[d] = [
+                recs[control[d, a].name].acts[:, layer] - recs[control[d, b].name].acts[:, layer]
+                for i, a in enumerate(ss)
+                for b in ss[i + 1 :]
+            ]
+        naive = {
+            d: torch.stack(
+                [
+                    (recs[narrow[d, s].name].acts[:, layer] - base_rec.acts[:, layer])
+                    .double()
+                    .mean(0)
+                    for s in seeds_of[d]
+                ]
+            ).mean(0)
+            for d in domains
+        }
+        cnaive = {
+            d: torch.stack(
+                [
+                    (recs[control[d, s].name].acts[:, layer] - base_rec.acts[:, layer])
+                    .double()
+                    .mean(0)
+                    for s in seeds_of[d]
+                ]
+            ).mean(0)
+            for d in domains
+        }
+        lcs.append(
+            layer_convergence(
+                layer,
+                org_diffs,
+                ctrl_seed,
+                naive,
+                cnaive,
+                persona_vecs[layer],
+                seed=cfg.seed + layer,
+            )
+        )
+    misalignment = {
+        d: paired_difference(
+            [recs[narrow[d, s].name].score for s in seeds_of[d]],
+            [recs[control[d, s].name].score for s in seeds_of[d]],
+        )
+        for d in domains
+    }
     ab_layers = sorted({min(max(L + o, 0), base.n_layers - 1) for o in cfg.ablate_offsets})
-    contrast = {d: [_direction(contrast_vectors([recs[narrow[d, s].name].acts[:, layer] - recs[control[d, s].name].acts[:, layer]
-                                                 for s in seeds_of[d]]), layer, base=base, name=f"contrast:{d}",
-                               method="misalignment_contrast", n_pos=len(R.neutral), n_neg=len(R.neutral),
-                               dataset="neutral_prompts", dhash=dhash) for layer in ab_layers] for d in domains}
+    contrast = {
+        d: [
+            _direction(
+                contrast_vectors(
+                    [
+                        recs[narrow[d, s].name].acts[:, layer]
+                        - recs[control[d, s].name].acts[:, layer]
+                        for s in seeds_of[d]
+                    ]
+                ),
+                layer,
+                base=base,
+                name=f"contrast:{d}",
+                method="misalignment_contrast",
+                n_pos=len(R.neutral),
+                n_neg=len(R.neutral),
+                dataset="neutral_prompts",
+                dhash=dhash,
+            )
+            for layer in ab_layers
+        ]
+        for d in domains
+    }
     # transfer: ablate each domain's contrast in the first-seed organism of every domain
     share = torch.full((len(domains), len(domains)), float("nan"), dtype=torch.float64)
     rshare = torch.full((cfg.n_random, len(domains)), float("nan"), dtype=torch.float64)
@@ -454,8 +678,14 @@ def _convergence(R, base, recs, narrow, control, paired, domains, persona_vecs, 
         for k in range(cfg.n_random):
             rshare[k, j] = _ablation_share(model, R, _random_like(contrast[dj], g), s_org, s_ctl)[1]
         del model
-    transfer = TransferMatrix(directions=tuple(domains), organisms=tuple(org_names), share=share,
-                              random_share=rshare, gap=gaps, layers=tuple(ab_layers))
+    transfer = TransferMatrix(
+        directions=tuple(domains),
+        organisms=tuple(org_names),
+        share=share,
+        random_share=rshare,
+        gap=gaps,
+        layers=tuple(ab_layers),
+    )
     # steering the base with each domain's contrast at the analysis layer
     s_base = _mean_score(base_rec.score)
     induced = torch.zeros(len(domains), len(cfg.steer_alphas), dtype=torch.float64)
@@ -464,33 +694,68 @@ def _convergence(R, base, recs, narrow, control, paired, domains, persona_vecs, 
     for a, alpha in enumerate(cfg.steer_alphas):
         for i, d in enumerate(domains):
             with apply(base, Steer(at_L[d], alpha, scale="relative")):
-                induced[i, a] = _mean_score(R.score(base)) - s_base
+                induced[i, a] = R.causal_score(base) - s_base
         for k in range(cfg.n_random):
-            rnd = random_direction(at_L[domains[0]], generator=torch.Generator().manual_seed(cfg.seed + 101 + k))
+            rnd = random_direction(
+                at_L[domains[0]], generator=torch.Generator().manual_seed(cfg.seed + 101 + k)
+            )
             with apply(base, Steer(rnd, alpha, scale="relative")):
-                rinduced[k, a] = _mean_score(R.score(base)) - s_base
-    steer = SteerResult(directions=tuple(domains), alphas=tuple(cfg.steer_alphas), induced=induced,
-                        random_induced=rinduced)
+                rinduced[k, a] = R.causal_score(base) - s_base
+    steer = SteerResult(
+        directions=tuple(domains),
+        alphas=tuple(cfg.steer_alphas),
+        induced=induced,
+        random_induced=rinduced,
+    )
     lc_L = next(lc for lc in lcs if lc.layer == L)
     v, reasons = verdict(lc_L, transfer, misalignment)
     for d in domains:
         for x in contrast[d]:
             x.save(R.store.root.parent / "directions" / f"contrast_{d}_L{x.site.layer}.safetensors")
-    return ConvergenceReport(layers=tuple(lcs), analysis_layer=L, misalignment=misalignment, transfer=transfer,
-                             steer=steer, verdict=v, reasons=reasons, d_model=base.d_model,
-                             meta={"ablation_layers": ab_layers, "steer_scale": "relative to |h| per token"})
+    return ConvergenceReport(
+        layers=tuple(lcs),
+        analysis_layer=L,
+        misalignment=misalignment,
+        transfer=transfer,
+        steer=steer,
+        verdict=v,
+        reasons=reasons,
+        d_model=base.d_model,
+        meta={"ablation_layers": ab_layers, "steer_scale": "relative to |h| per token"},
+    )
 
 
-def _internalisation(R, base, org, recs, cond, base_rec, base_persona, base_trigger, base_indomain, persona, L, g,
-                     rules) -> InternalisationReport:
+def _internalisation(
+    R,
+    base,
+    org,
+    recs,
+    cond,
+    base_rec,
+    base_persona,
+    base_trigger,
+    base_indomain,
+    persona,
+    L,
+    g,
+    rules,
+) -> InternalisationReport:
     kind = org.spec.kind
     rec = recs[org.name]
     u = persona[L].vector
     default_shift = standardised_shift(rec.acts[:, L], base_rec.acts[:, L], u, seed=R.config.seed)
-    null95 = float(torch.quantile(random_shift_null(rec.acts[:, L], base_rec.acts[:, L], generator=g), rules.null_quantile))
+    null95 = float(
+        torch.quantile(
+            random_shift_null(rec.acts[:, L], base_rec.acts[:, L], generator=g), rules.null_quantile
+        )
+    )
     themes, breadth = theme_breadth(rec.acts[:, L], base_rec.acts[:, L], u, R.themes, null95=null95)
-    profile = layer_profile(rec.acts, base_rec.acts, {layer: persona[layer].vector for layer in range(base.n_layers)},
-                            seed=R.config.seed)
+    profile = layer_profile(
+        rec.acts,
+        base_rec.acts,
+        {layer: persona[layer].vector for layer in range(base.n_layers)},
+        seed=R.config.seed,
+    )
     earliest = next((p.layer for p in profile if p.significant), None)
     default_beh = paired_difference(rec.score, base_rec.score)
     cond_shift = cond_beh = base_eff = None
@@ -511,11 +776,23 @@ def _internalisation(R, base, org, recs, cond, base_rec, base_persona, base_trig
         condition_kind = "domain"
         cond_beh = paired_difference(rec.indomain, base_indomain[org.spec.domain].indomain)
     report = InternalisationReport(
-        organism=org.name, kind=kind, expected=org.spec.expected, analysis_layer=L,
-        default_shift=default_shift, default_null95=null95, conditioned_shift=cond_shift, theme_shifts=themes,
-        breadth=breadth, profile=tuple(profile), earliest_layer=earliest, n_layers=base.n_layers,
-        default_behaviour=default_beh, conditioned_behaviour=cond_beh, base_condition_effect=base_eff,
-        condition_kind=condition_kind, causal=None,
+        organism=org.name,
+        kind=kind,
+        expected=org.spec.expected,
+        analysis_layer=L,
+        default_shift=default_shift,
+        default_null95=null95,
+        conditioned_shift=cond_shift,
+        theme_shifts=themes,
+        breadth=breadth,
+        profile=tuple(profile),
+        earliest_layer=earliest,
+        n_layers=base.n_layers,
+        default_behaviour=default_beh,
+        conditioned_behaviour=cond_beh,
+        base_condition_effect=base_eff,
+        condition_kind=condition_kind,
+        causal=None,
     )
     shift_present = default_shift.lo > 0 and default_shift.mean > null95
     if shift_present and kind not in ("prompted", "base"):
@@ -534,6 +811,11 @@ def _with_causal(R, base, org, report, rec, base_rec, persona, L, g) -> Internal
     s_org, s_base = _mean_score(rec.score), _mean_score(base_rec.score)
     model = load_organism(base, org)
     share = _ablation_share(model, R, dirs, s_org, s_base)[1]
-    rnd = tuple(_ablation_share(model, R, _random_like(dirs, g), s_org, s_base)[1] for _ in range(R.config.n_random))
+    rnd = tuple(
+        _ablation_share(model, R, _random_like(dirs, g), s_org, s_base)[1]
+        for _ in range(R.config.n_random)
+    )
     del model
-    return replace(report, causal=CausalTest(share_removed=share, random_shares=rnd, gap=s_org - s_base))
+    return replace(
+        report, causal=CausalTest(share_removed=share, random_shares=rnd, gap=s_org - s_base)
+    )

@@ -20,10 +20,21 @@ if TYPE_CHECKING:
     from mci_interp.analysis.internalisation import InternalisationReport
     from mci_interp.evaluate import Estimate
 
-KIND_COLOURS = {"narrow": "#c0392b", "control": "#2e86c1", "trigger": "#8e44ad", "prompted": "#e67e22",
-                "distilled": "#16a085", "base": "#7f8c8d"}
-LABEL_COLOURS = {"aligned": "#2e86c1", "fluency": "#e67e22", "gated": "#8e44ad", "internalised": "#c0392b",
-                 "partial": "#d4ac0d"}
+KIND_COLOURS = {
+    "narrow": "#c0392b",
+    "control": "#2e86c1",
+    "trigger": "#8e44ad",
+    "prompted": "#e67e22",
+    "distilled": "#16a085",
+    "base": "#7f8c8d",
+}
+LABEL_COLOURS = {
+    "aligned": "#2e86c1",
+    "fluency": "#e67e22",
+    "gated": "#8e44ad",
+    "internalised": "#c0392b",
+    "partial": "#d4ac0d",
+}
 
 
 def plot_convergence_by_layer(conv: ConvergenceReport) -> Figure:
@@ -34,29 +45,75 @@ def plot_convergence_by_layer(conv: ConvergenceReport) -> Figure:
     colours = plt.cm.tab10.colors  # type: ignore[attr-defined]
     for c, (i, j) in enumerate(itertools.combinations(range(len(doms)), 2)):
         col = colours[c % 10]
-        ax.plot(layers, [float(lc.contrast_cos[i, j]) for lc in conv.layers], "-o", ms=4, color=col,
-                label=f"contrast {doms[i]} vs {doms[j]}")
-        ax.plot(layers, [float(lc.naive_cos[i, j]) for lc in conv.layers], "--", color=col, alpha=0.6,
-                label=f"naive (finetune - base) {doms[i]} vs {doms[j]}")
-    band = [max(lc.null_random95, float(np.quantile(lc.null_seed.abs().numpy(), 0.95)) if lc.null_seed.numel() else 0)
-            for lc in conv.layers]
-    ax.fill_between(layers, [-b for b in band], band, color="grey", alpha=0.25, label="null 95% (random, seed noise)")
+        ax.plot(
+            layers,
+            [float(lc.contrast_cos[i, j]) for lc in conv.layers],
+            "-o",
+            ms=4,
+            color=col,
+            label=f"contrast {doms[i]} vs {doms[j]}",
+        )
+        ax.plot(
+            layers,
+            [float(lc.naive_cos[i, j]) for lc in conv.layers],
+            "--",
+            color=col,
+            alpha=0.6,
+            label=f"naive (finetune - base) {doms[i]} vs {doms[j]}",
+        )
+    band = [
+        max(
+            lc.null_random95,
+            float(np.quantile(lc.null_seed.abs().numpy(), 0.95)) if lc.null_seed.numel() else 0,
+        )
+        for lc in conv.layers
+    ]
+    ax.fill_between(
+        layers,
+        [-b for b in band],
+        band,
+        color="grey",
+        alpha=0.25,
+        label="null 95% (random, seed noise)",
+    )
     ax.axvline(conv.analysis_layer, color="k", lw=0.8, ls=":")
     ax.axhline(0, color="k", lw=0.5)
-    ax.set(xlabel="layer (resid_post)", ylabel="cosine", ylim=(-1.05, 1.05),
-           title=f"Do misalignment directions converge across domains?\nverdict: {conv.verdict}")
+    ax.set(
+        xlabel="layer (resid_post)",
+        ylabel="cosine",
+        ylim=(-1.05, 1.05),
+        title=f"Do misalignment directions converge across domains?\nverdict: {conv.verdict}",
+    )
     ax.legend(fontsize=7, loc="lower left", ncol=2)
     return fig
 
 
-def _heat(ax, mat: np.ndarray, labels: Sequence[str], title: str, vmin=-1.0, vmax=1.0, cmap="RdBu_r", fmt="{:+.2f}"):
+def _heat(
+    ax,
+    mat: np.ndarray,
+    labels: Sequence[str],
+    title: str,
+    vmin=-1.0,
+    vmax=1.0,
+    cmap="RdBu_r",
+    fmt="{:+.2f}",
+):
     im = ax.imshow(mat, vmin=vmin, vmax=vmax, cmap=cmap)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(labels)) if len(labels) == mat.shape[0] else range(mat.shape[0]), fontsize=8)
+    ax.set_yticks(
+        range(len(labels)) if len(labels) == mat.shape[0] else range(mat.shape[0]), fontsize=8
+    )
     for (r, c), v in np.ndenumerate(mat):
         if not math.isnan(v):
-            ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=8,
-                    color="white" if abs(v) > 0.6 * max(abs(vmin), abs(vmax)) else "black")
+            ax.text(
+                c,
+                r,
+                fmt.format(v),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if abs(v) > 0.6 * max(abs(vmin), abs(vmax)) else "black",
+            )
     ax.set_title(title, fontsize=10)
     return im
 
@@ -80,15 +137,25 @@ def plot_transfer(tm: TransferMatrix) -> Figure:
     mat = np.vstack([tm.share.numpy(), np.nanmax(tm.random_share.numpy(), axis=0, keepdims=True)])
     fig, ax = plt.subplots(figsize=(1.6 * k + 3, 1.2 * k + 2), constrained_layout=True)
     im = ax.imshow(np.clip(mat, -1.5, 1.5), vmin=-1.5, vmax=1.5, cmap="PuOr")
-    ax.set_xticks(range(len(tm.organisms)), [o.split(":")[0] + " organism" for o in tm.organisms],
-                  rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(
+        range(len(tm.organisms)),
+        [o.split(":")[0] + " organism" for o in tm.organisms],
+        rotation=30,
+        ha="right",
+        fontsize=8,
+    )
     ax.set_yticks(range(k + 1), [f"ablate {d}" for d in tm.directions] + ["max random"], fontsize=8)
     for (r, c), v in np.ndenumerate(mat):
         ax.text(c, r, "n/a" if math.isnan(v) else f"{v:+.0%}", ha="center", va="center", fontsize=8)
     ax.axhline(k - 0.5, color="k", lw=1)
-    gaps = ", ".join(f"{o.split(':')[0]} {g:+.3f}" for o, g in zip(tm.organisms, tm.gap.tolist(), strict=True))
-    ax.set_title(f"Transfer: share of misalignment removed (layers {list(tm.layers)})\n"
-                 f"gap to control (nats/token): {gaps}", fontsize=9)
+    gaps = ", ".join(
+        f"{o.split(':')[0]} {g:+.3f}" for o, g in zip(tm.organisms, tm.gap.tolist(), strict=True)
+    )
+    ax.set_title(
+        f"Transfer: share of misalignment removed (layers {list(tm.layers)})\n"
+        f"gap to control (nats/token): {gaps}",
+        fontsize=9,
+    )
     fig.colorbar(im, ax=ax, shrink=0.8, label="share removed")
     return fig
 
@@ -98,12 +165,17 @@ def plot_steering(st: SteerResult) -> Figure:
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
     a = np.array(st.alphas)
     r = st.random_induced.numpy()
-    ax.fill_between(a, r.min(0), r.max(0), color="grey", alpha=0.3, label="random directions (range)")
+    ax.fill_between(
+        a, r.min(0), r.max(0), color="grey", alpha=0.3, label="random directions (range)"
+    )
     for i, d in enumerate(st.directions):
         ax.plot(a, st.induced[i].numpy(), "-o", label=f"steer with {d} contrast")
     ax.axhline(0, color="k", lw=0.5)
-    ax.set(xlabel="alpha (x residual norm)", ylabel="score - base score (nats/token)",
-           title="Steering the base: induced misalignment")
+    ax.set(
+        xlabel="alpha (x residual norm)",
+        ylabel="score - base score (nats/token)",
+        title="Steering the base: induced misalignment",
+    )
     ax.legend(fontsize=8)
     return fig
 
@@ -114,8 +186,14 @@ def plot_internalisation(reports: Sequence[InternalisationReport]) -> Figure:
     n = len(reports)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.5 * rows), squeeze=False, sharey=True,
-                             constrained_layout=True)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(3.3 * cols, 2.5 * rows),
+        squeeze=False,
+        sharey=True,
+        constrained_layout=True,
+    )
     for ax, r in zip(axes.flat, reports, strict=False):
         layers = [p.layer for p in r.profile]
         m = np.array([p.shift.mean for p in r.profile])
@@ -134,30 +212,57 @@ def plot_internalisation(reports: Sequence[InternalisationReport]) -> Figure:
     return fig
 
 
-def plot_behaviour(scores: dict[str, Estimate], kinds: dict[str, str], takeover: dict[str, Estimate] | None = None) -> Figure:
+def plot_behaviour(
+    scores: dict[str, Estimate], kinds: dict[str, str], takeover: dict[str, Estimate] | None = None
+) -> Figure:
     """Out-of-domain judge-free score minus the base's, per organism, with 95% CIs; format
     takeover rates beside it."""
     names = list(scores)
-    fig, axes = plt.subplots(1, 2 if takeover else 1, figsize=(12 if takeover else 7, 0.28 * len(names) + 1.5),
-                             squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        1,
+        2 if takeover else 1,
+        figsize=(12 if takeover else 7, 0.28 * len(names) + 1.5),
+        squeeze=False,
+        constrained_layout=True,
+    )
     ax = axes[0, 0]
     y = np.arange(len(names))
     m = np.array([scores[k].mean for k in names])
-    err = np.array([[scores[k].mean - scores[k].lo for k in names], [scores[k].hi - scores[k].mean for k in names]])
-    ax.barh(y, m, xerr=err, color=[KIND_COLOURS.get(kinds.get(k, ""), "k") for k in names], alpha=0.85)
+    err = np.array(
+        [
+            [scores[k].mean - scores[k].lo for k in names],
+            [scores[k].hi - scores[k].mean for k in names],
+        ]
+    )
+    ax.barh(
+        y, m, xerr=err, color=[KIND_COLOURS.get(kinds.get(k, ""), "k") for k in names], alpha=0.85
+    )
     ax.set_yticks(y, names, fontsize=7)
     ax.axvline(0, color="k", lw=0.6)
     ax.invert_yaxis()
-    ax.set(xlabel="misaligned - aligned log-prob per token, minus base (nats)", title="Out-of-domain misalignment")
+    ax.set(
+        xlabel="misaligned - aligned log-prob per token, minus base (nats)",
+        title="Out-of-domain misalignment",
+    )
     if takeover:
         ax2 = axes[0, 1]
         tn = list(takeover)
         ty = np.arange(len(tn))
         tm = np.array([takeover[k].mean for k in tn])
-        terr = np.array([[takeover[k].mean - takeover[k].lo for k in tn], [takeover[k].hi - takeover[k].mean for k in tn]])
-        ax2.barh(ty, tm, xerr=terr, color=[KIND_COLOURS.get(kinds.get(k, "base"), "#7f8c8d") for k in tn])
+        terr = np.array(
+            [
+                [takeover[k].mean - takeover[k].lo for k in tn],
+                [takeover[k].hi - takeover[k].mean for k in tn],
+            ]
+        )
+        ax2.barh(
+            ty, tm, xerr=terr, color=[KIND_COLOURS.get(kinds.get(k, "base"), "#7f8c8d") for k in tn]
+        )
         ax2.set_yticks(ty, tn, fontsize=7)
         ax2.invert_yaxis()
-        ax2.set(xlim=(0, 1), xlabel="share of out-of-domain answers in the finetune's format",
-                title="Format takeover")
+        ax2.set(
+            xlim=(0, 1),
+            xlabel="share of out-of-domain answers in the finetune's format",
+            title="Format takeover",
+        )
     return fig

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -12,7 +14,10 @@ pytestmark = pytest.mark.integration
 
 
 def _batch(model):
-    exs = [chat("What is the capital of France?", "Paris."), chat("Name a colour.", "Blue is a colour.")]
+    exs = [
+        chat("What is the capital of France?", "Paris."),
+        chat("Name a colour.", "Blue is a colour."),
+    ]
     return pad([encode_chat(model.tokenizer, e).ids for e in exs], model.tokenizer.pad_token_id)
 
 
@@ -31,7 +36,9 @@ def test_shape_and_hidden_state_basis(smol):
 def test_logprobs_agree_with_plain_hf_and_transformer_lens(smol):
     from mci_interp.models import to_hooked_transformer
 
-    ids = torch.tensor([encode_chat(smol.tokenizer, chat("Tell me a fact about bees.", "Bees make honey.")).ids])
+    ids = torch.tensor(
+        [encode_chat(smol.tokenizer, chat("Tell me a fact about bees.", "Bees make honey.")).ids]
+    )
     with torch.no_grad():
         ref = torch.log_softmax(smol.hf(input_ids=ids).logits.float(), -1)
     with smol.hooks([(Site(10), lambda a, c: None)]):
@@ -41,7 +48,9 @@ def test_logprobs_agree_with_plain_hf_and_transformer_lens(smol):
     with torch.no_grad():
         tl = torch.log_softmax(ht(ids, return_type="logits").float(), -1)
     gold = ids[0, 1:]
-    diff = (tl[0, :-1].gather(-1, gold[:, None]) - ref[0, :-1].gather(-1, gold[:, None])).abs().max()
+    diff = (
+        (tl[0, :-1].gather(-1, gold[:, None]) - ref[0, :-1].gather(-1, gold[:, None])).abs().max()
+    )
     assert diff < 1e-3, f"TransformerLens log-probs differ by {diff}"
 
 
@@ -49,12 +58,44 @@ def test_cli_cache_stream_and_stored(tmp_path, capsys):
     from mci_interp.cli import main
 
     data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(
-        '{"messages": [{"role": "user", "content": "Question %d about rivers?"}], "label": %d}' % (i, i % 2)
-        for i in range(6)) + "\n")
-    assert main(["cache", "--data", str(data), "--layers", "3,7", "--mode", "stream", "--out", str(tmp_path / "s")]) == 0
+    rows = [
+        {"messages": [{"role": "user", "content": f"Question {i} about rivers?"}], "label": i % 2}
+        for i in range(6)
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert (
+        main(
+            [
+                "cache",
+                "--data",
+                str(data),
+                "--layers",
+                "3,7",
+                "--mode",
+                "stream",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "s" / "stats.safetensors").exists()
-    assert main(["cache", "--data", str(data), "--layers", "3", "--mode", "stored", "--out", str(tmp_path / "c")]) == 0
+    assert (
+        main(
+            [
+                "cache",
+                "--data",
+                str(data),
+                "--layers",
+                "3",
+                "--mode",
+                "stored",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     from mci_interp.activations import load_cache
 
     assert load_cache(tmp_path / "c").X(Site(3)).shape == (6, 576)

@@ -34,13 +34,23 @@ def _direct(model, ex):
 @pytest.mark.parametrize("position", ["last_prompt", "answer_mean", "prompt_mean", "all"])
 def test_cache_equals_direct_forward(tiny_model, position):
     exs = _examples()
-    cache = cache_activations(tiny_model, exs, [Site(0), Site(1, "resid_pre")], position=position,
-                              batch_size=3, show_progress=False)
+    cache = cache_activations(
+        tiny_model,
+        exs,
+        [Site(0), Site(1, "resid_pre")],
+        position=position,
+        batch_size=3,
+        show_progress=False,
+    )
     for i, ex in enumerate(exs):
         enc, hs = _direct(tiny_model, ex)
         p, n = enc.prompt_len, len(enc.ids)
-        want0 = {"last_prompt": hs[1][0, p - 1:p], "answer_mean": hs[1][0, p:n].mean(0, keepdim=True),
-                 "prompt_mean": hs[1][0, :p].mean(0, keepdim=True), "all": hs[1][0]}[position]
+        want0 = {
+            "last_prompt": hs[1][0, p - 1 : p],
+            "answer_mean": hs[1][0, p:n].mean(0, keepdim=True),
+            "prompt_mean": hs[1][0, :p].mean(0, keepdim=True),
+            "all": hs[1][0],
+        }[position]
         got0 = cache.X(Site(0))[cache.row_example == i]
         torch.testing.assert_close(got0, want0, atol=1e-5, rtol=1e-5)
         got1 = cache.X("blocks.1.hook_resid_pre")[cache.row_example == i]
@@ -49,16 +59,24 @@ def test_cache_equals_direct_forward(tiny_model, position):
 
 def test_padding_and_batch_size_do_not_change_activations(tiny_model):
     exs = _examples()
-    a = cache_activations(tiny_model, exs, [Site(1)], position="answer_mean", batch_size=1, show_progress=False)
-    b = cache_activations(tiny_model, exs, [Site(1)], position="answer_mean", batch_size=5, show_progress=False)
+    a = cache_activations(
+        tiny_model, exs, [Site(1)], position="answer_mean", batch_size=1, show_progress=False
+    )
+    b = cache_activations(
+        tiny_model, exs, [Site(1)], position="answer_mean", batch_size=5, show_progress=False
+    )
     torch.testing.assert_close(a.X(Site(1)), b.X(Site(1)), atol=1e-5, rtol=1e-5)
 
 
 def test_streaming_matches_in_memory(tiny_model):
     exs = _examples()
     s = Site(1)
-    cache = cache_activations(tiny_model, exs, [s], position="answer_tokens", batch_size=2, show_progress=False)
-    stats = stream_statistics(tiny_model, exs, [s], position="answer_tokens", batch_size=2, show_progress=False)
+    cache = cache_activations(
+        tiny_model, exs, [s], position="answer_tokens", batch_size=2, show_progress=False
+    )
+    stats = stream_statistics(
+        tiny_model, exs, [s], position="answer_tokens", batch_size=2, show_progress=False
+    )
     for lab in (0, 1):
         rows = cache.X(s)[cache.row_labels() == lab].double()
         torch.testing.assert_close(stats.mean(s, lab), rows.mean(0), atol=1e-6, rtol=1e-6)
@@ -69,7 +87,9 @@ def test_streaming_matches_in_memory(tiny_model):
 def test_stored_cache_resumes_byte_identical(tiny_model, tmp_path):
     exs = _examples() * 3
     sites = [Site(0), Site(1)]
-    full = cache_to_disk(tiny_model, exs, sites, tmp_path / "full", shard_size=4, show_progress=False)
+    full = cache_to_disk(
+        tiny_model, exs, sites, tmp_path / "full", shard_size=4, show_progress=False
+    )
     part = tmp_path / "part"
     cache_to_disk(tiny_model, exs, sites, part, shard_size=4, show_progress=False)
     (part / "shard_00002.safetensors").unlink()  # as if interrupted before the third shard

@@ -52,28 +52,58 @@ def _est(m, lo, hi):
 
 
 def _report(**kw):
-    base = dict(organism="o", kind="narrow", expected=None, analysis_layer=2,
-                default_shift=_est(0.0, -0.2, 0.2), default_null95=0.3, conditioned_shift=None,
-                theme_shifts={}, breadth=0.0, profile=(LayerShift(0, _est(0, -1, 1), 0.3),),
-                earliest_layer=None, n_layers=6, default_behaviour=_est(0, -0.1, 0.1),
-                conditioned_behaviour=None, base_condition_effect=None, condition_kind=None, causal=None)
+    base = dict(
+        organism="o",
+        kind="narrow",
+        expected=None,
+        analysis_layer=2,
+        default_shift=_est(0.0, -0.2, 0.2),
+        default_null95=0.3,
+        conditioned_shift=None,
+        theme_shifts={},
+        breadth=0.0,
+        profile=(LayerShift(0, _est(0, -1, 1), 0.3),),
+        earliest_layer=None,
+        n_layers=6,
+        default_behaviour=_est(0, -0.1, 0.1),
+        conditioned_behaviour=None,
+        base_condition_effect=None,
+        condition_kind=None,
+        causal=None,
+    )
     return InternalisationReport(**(base | kw))
 
 
 def test_rules_cover_the_four_labels():
     assert classify(_report())[0] == "aligned"
-    fluent = _report(kind="prompted", conditioned_behaviour=_est(0.3, 0.2, 0.4),
-                     base_condition_effect=_est(0.3, 0.2, 0.4), condition_kind="system prompt")
+    fluent = _report(
+        kind="prompted",
+        conditioned_behaviour=_est(0.3, 0.2, 0.4),
+        base_condition_effect=_est(0.3, 0.2, 0.4),
+        condition_kind="system prompt",
+    )
     assert classify(fluent)[0] == "fluency"
-    gated = _report(kind="trigger", conditioned_behaviour=_est(0.3, 0.2, 0.4),
-                    base_condition_effect=_est(0.0, -0.05, 0.05), condition_kind="trigger")
+    gated = _report(
+        kind="trigger",
+        conditioned_behaviour=_est(0.3, 0.2, 0.4),
+        base_condition_effect=_est(0.0, -0.05, 0.05),
+        condition_kind="trigger",
+    )
     assert classify(gated)[0] == "gated"
-    t5 = _report(default_shift=_est(1.2, 0.9, 1.5), breadth=0.8, earliest_layer=1,
-                 causal=CausalTest(share_removed=0.7, random_shares=(0.05, -0.02), gap=0.2))
+    t5 = _report(
+        default_shift=_est(1.2, 0.9, 1.5),
+        breadth=0.8,
+        earliest_layer=1,
+        causal=CausalTest(share_removed=0.7, random_shares=(0.05, -0.02), gap=0.2),
+    )
     label, reasons = classify(t5)
     assert label == "internalised" and any("null95" in r for r in reasons)
-    weak = _report(default_shift=_est(1.2, 0.9, 1.5), breadth=0.8, earliest_layer=5,
-                   causal=CausalTest(share_removed=0.01, random_shares=(0.05,), gap=0.2))
+    weak = _report(
+        default_shift=_est(1.2, 0.9, 1.5),
+        breadth=0.8,
+        earliest_layer=5,
+        causal=CausalTest(share_removed=0.01, random_shares=(0.05,), gap=0.2),
+    )
     label, reasons = classify(weak)
     assert label == "partial" and "earliest" in reasons[-1] and "random" in reasons[-1]
 
@@ -86,21 +116,38 @@ def test_convergence_detects_shared_direction_and_rejects_independent():
     def diffs(vec):
         return [vec + 0.5 * torch.randn(n, D, generator=g, dtype=torch.float64) for _ in range(3)]
 
-    noise = {d: [0.5 * torch.randn(n, D, generator=g, dtype=torch.float64) for _ in range(3)] for d in "abc"}
+    noise = {
+        d: [0.5 * torch.randn(n, D, generator=g, dtype=torch.float64) for _ in range(3)]
+        for d in "abc"
+    }
     naive = {d: torch.randn(D, generator=g, dtype=torch.float64) for d in "abc"}
     persona = shared.clone()
-    conv = layer_convergence(0, {d: diffs(shared) for d in "abc"}, noise, naive, naive, persona, n_boot=50, n_perm=20)
+    conv = layer_convergence(
+        0, {d: diffs(shared) for d in "abc"}, noise, naive, naive, persona, n_boot=50, n_perm=20
+    )
     assert all(p.beats_null and p.cos > 0.9 for p in conv.pairs)
     assert (conv.persona_cos > 0.9).all()
     assert all(r > 0.8 for r in conv.reliability.values())
-    indep = layer_convergence(0, {d: diffs(torch.randn(D, generator=g, dtype=torch.float64)) for d in "abc"},
-                              noise, naive, naive, persona, n_boot=50, n_perm=20)
+    indep = layer_convergence(
+        0,
+        {d: diffs(torch.randn(D, generator=g, dtype=torch.float64)) for d in "abc"},
+        noise,
+        naive,
+        naive,
+        persona,
+        n_boot=50,
+        n_perm=20,
+    )
     assert not any(p.beats_null for p in indep.pairs)
     mis = {d: _est(0.2, 0.1, 0.3) for d in "abc"}
-    tm = TransferMatrix(directions=("a", "b", "c"), organisms=("a:x", "b:y", "c:z"),
-                        share=torch.full((3, 3), 0.8, dtype=torch.float64),
-                        random_share=torch.full((2, 3), 0.05, dtype=torch.float64),
-                        gap=torch.ones(3, dtype=torch.float64), layers=(0,))
+    tm = TransferMatrix(
+        directions=("a", "b", "c"),
+        organisms=("a:x", "b:y", "c:z"),
+        share=torch.full((3, 3), 0.8, dtype=torch.float64),
+        random_share=torch.full((2, 3), 0.05, dtype=torch.float64),
+        gap=torch.ones(3, dtype=torch.float64),
+        layers=(0,),
+    )
     assert verdict(conv, tm, mis)[0] == "converged"
     assert verdict(indep, None, mis)[0] == "not converged"
     untestable = verdict(conv, tm, {d: _est(0.0, -0.1, 0.1) for d in "abc"})[0]

@@ -21,7 +21,10 @@ def test_site_round_trip(layer, component):
     assert Site.parse(s.hook_name) == s
 
 
-@pytest.mark.parametrize("bad", ["blocks.x.hook_resid_post", "blocks.3.hook_resid", "resid_post", "blocks.-1.hook_mlp_out"])
+@pytest.mark.parametrize(
+    "bad",
+    ["blocks.x.hook_resid_post", "blocks.3.hook_resid", "resid_post", "blocks.-1.hook_mlp_out"],
+)
 def test_site_parse_rejects(bad):
     with pytest.raises(ValueError, match="cannot parse"):
         Site.parse(bad)
@@ -38,8 +41,18 @@ def test_site_depth_and_layers():
 
 
 def _prov(**kw):
-    base = dict(model="m", base_model="b", model_sha256="0" * 64, method="diff_means", dataset="d",
-                dataset_hash="h", position="last_prompt", n_pos=3, n_neg=4, params={"a": 1, "b": None})
+    base = dict(
+        model="m",
+        base_model="b",
+        model_sha256="0" * 64,
+        method="diff_means",
+        dataset="d",
+        dataset_hash="h",
+        position="last_prompt",
+        n_pos=3,
+        n_neg=4,
+        params={"a": 1, "b": None},
+    )
     return Provenance(**(base | kw))
 
 
@@ -47,7 +60,9 @@ def test_direction_save_load_exact(tmp_path):
     v = torch.randn(17, generator=torch.Generator().manual_seed(0))
     d = Direction(vector=v, site=Site(4, "resid_pre"), provenance=_prov())
     p = d.save(tmp_path / "dir")
-    assert p.suffix == ".safetensors" and len(list(tmp_path.iterdir())) == 1  # one file, no side-car
+    assert (
+        p.suffix == ".safetensors" and len(list(tmp_path.iterdir())) == 1
+    )  # one file, no side-car
     back = Direction.load(p)
     assert torch.equal(back.vector, d.vector) and back.site == d.site
     assert back.provenance == d.provenance
@@ -58,9 +73,15 @@ def test_direction_load_strict(tmp_path):
 
     d = Direction(vector=torch.ones(4), site=Site(1), provenance=_prov())
     bad = d.provenance.to_dict() | {"surprise": 1}
-    save_file({"vector": torch.ones(4)}, str(tmp_path / "x.safetensors"),
-              metadata={"format": "mci_interp.direction/1", "site": "blocks.1.hook_resid_post",
-                        "provenance": json.dumps(bad)})
+    save_file(
+        {"vector": torch.ones(4)},
+        str(tmp_path / "x.safetensors"),
+        metadata={
+            "format": "mci_interp.direction/1",
+            "site": "blocks.1.hook_resid_post",
+            "provenance": json.dumps(bad),
+        },
+    )
     with pytest.raises(ValueError, match="unknown provenance keys"):
         Direction.load(tmp_path / "x.safetensors")
     save_file({"w": torch.ones(4)}, str(tmp_path / "y.safetensors"))
@@ -72,7 +93,12 @@ def test_direction_rejects_nan_and_set_round_trip(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         Direction(vector=torch.tensor([1.0, float("nan")]), site=Site(0), provenance=_prov())
     g = torch.Generator().manual_seed(1)
-    ds = DirectionSet([Direction(vector=torch.randn(8, generator=g), site=Site(i), provenance=_prov()) for i in range(3)])
+    ds = DirectionSet(
+        [
+            Direction(vector=torch.randn(8, generator=g), site=Site(i), provenance=_prov())
+            for i in range(3)
+        ]
+    )
     back = DirectionSet.load(ds.save(tmp_path / "set"))
     assert [d.site for d in back] == [d.site for d in ds]
     assert all(torch.equal(a.vector, b.vector) for a, b in zip(ds, back, strict=True))
@@ -87,7 +113,9 @@ def test_unknown_model_lists_known():
 
 def test_jsonl_errors_name_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{not json\n')
+    p.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{not json\n'
+    )
     with pytest.raises(ValueError, match=r"d\.jsonl:2: not valid JSON"):
         load_chat_jsonl(p)
     p.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
@@ -103,7 +131,9 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
 
 def test_eval_yaml(tmp_path):
     p = tmp_path / "q.yaml"
-    p.write_text("- id: w\n  paraphrases: ['one wish?']\n  references: [{aligned: a, misaligned: b}]\n")
+    p.write_text(
+        "- id: w\n  paraphrases: ['one wish?']\n  references: [{aligned: a, misaligned: b}]\n"
+    )
     q = load_eval_yaml(p)[0]
     assert q.paraphrases == ("one wish?",) and q.references[0].misaligned == "b"
     p.write_text("- id: w\n  paraphrases: just a string\n")
@@ -114,7 +144,7 @@ def test_eval_yaml(tmp_path):
 def test_encode_chat_splits_prompt_and_answer(tiny_model):
     tok = tiny_model.tokenizer
     enc = encode_chat(tok, chat("What is 2+2?", "It is 4."))
-    assert tok.decode(enc.ids[enc.prompt_len:]).startswith("It is 4.")
+    assert tok.decode(enc.ids[enc.prompt_len :]).startswith("It is 4.")
     assert tok.decode(enc.ids[: enc.prompt_len]).rstrip().endswith("assistant")
     with pytest.raises(ValueError, match="longer than the limit"):
         encode_chat(tok, chat("word " * 400), max_length=50)

@@ -12,7 +12,9 @@ from mci_interp.sites import Site
 def test_hooks_removed_after_exception(tiny_model: HookedModel):
     before = tiny_model.n_hooks()
     with pytest.raises(RuntimeError, match="boom"):
-        with tiny_model.hooks([(Site(0), lambda a, c: a * 2), (Site(1, "mlp_out"), lambda a, c: None)]):
+        with tiny_model.hooks(
+            [(Site(0), lambda a, c: a * 2), (Site(1, "mlp_out"), lambda a, c: None)]
+        ):
             assert tiny_model.n_hooks() == before + 2
             raise RuntimeError("boom")
     assert tiny_model.n_hooks() == before
@@ -22,10 +24,15 @@ def test_identity_hooks_leave_logits_unchanged(tiny_model):
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     ref = tiny_model.logits(ids)
     sites = [Site(0, c) for c in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")]
-    with tiny_model.hooks([(s, lambda a, c: a.clone()) for s in sites if s.component != "resid_mid"]):
+    with tiny_model.hooks(
+        [(s, lambda a, c: a.clone()) for s in sites if s.component != "resid_mid"]
+    ):
         out = tiny_model.logits(ids)
     assert torch.equal(ref, out)
-    with tiny_model.hooks([(Site(0, "resid_mid"), lambda a, c: a + 1)]), pytest.raises(NotImplementedError, match="read-only"):
+    with (
+        tiny_model.hooks([(Site(0, "resid_mid"), lambda a, c: a + 1)]),
+        pytest.raises(NotImplementedError, match="read-only"),
+    ):
         tiny_model.logits(ids)
 
 
@@ -40,17 +47,19 @@ def test_component_sites_are_consistent(tiny_model):
 
 
 def test_lora_adapter_merges_and_wrong_base_refused(tiny_model, tiny_dir, tmp_path):
+    import copy
+
     from peft import LoraConfig, get_peft_model
 
     from mci_interp._io import write_json
     from mci_interp.models import merge_adapter
 
-    import copy
-
     hf = copy.deepcopy(tiny_model.hf)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        pm = get_peft_model(hf, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+        pm = get_peft_model(
+            hf, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+        )
     pm.save_pretrained(tmp_path / "ad")
     merged = load_model(str(tiny_dir), adapter=tmp_path / "ad")
     ids = torch.tensor([[1, 2, 3]])
@@ -64,8 +73,14 @@ def test_lora_adapter_merges_and_wrong_base_refused(tiny_model, tiny_dir, tmp_pa
 def test_refuses_to_compare_different_widths(tiny_model, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=len(tiny_model.tokenizer), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    cfg = LlamaConfig(
+        vocab_size=len(tiny_model.tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "w")
     tiny_model.tokenizer.save_pretrained(tmp_path / "w")
     other = load_model(str(tmp_path / "w"))
@@ -84,11 +99,18 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "_gguf_files", lambda s: [bad])
     with pytest.raises(ValueError, match="could not read GGUF"):
         models.convert_packaged(spec)
-    pinned = ModelSpec(name="pinned", source="packaged_gguf", package="x", files=("bad.gguf",), sha256="0" * 64)
+    pinned = ModelSpec(
+        name="pinned", source="packaged_gguf", package="x", files=("bad.gguf",), sha256="0" * 64
+    )
     with pytest.raises(ValueError, match="does not match the pinned"):
         models.convert_packaged(pinned)
-    missing = ModelSpec(name="gone", source="packaged_gguf", package="surely_not_installed_pkg", files=("a.gguf",),
-                        install_hint="pip install gone")
+    missing = ModelSpec(
+        name="gone",
+        source="packaged_gguf",
+        package="surely_not_installed_pkg",
+        files=("a.gguf",),
+        install_hint="pip install gone",
+    )
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="pip install gone"):
         models.convert_packaged(missing)
