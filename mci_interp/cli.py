@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--layer", type=int, default=None, help="analysis layer (default: middle)"
             )
-            sp.add_argument("--n-questions", type=int, default=21)
+            sp.add_argument("--n-questions", type=int, default=14)
             sp.add_argument("--seed", type=int, default=0)
             sp.add_argument("--out", default="runs")
             sp.add_argument("--name", default=None, help="run folder name under --out")

@@ -204,7 +204,11 @@ def classify(r: InternalisationReport, rules: Rules | None = None) -> tuple[str,
         if r.earliest_layer is None or r.earliest_layer > limit:
             failed.append(f"earliest significant layer {r.earliest_layer} > {limit}")
         if r.causal is None:
-            failed.append("causal test not run")
+            failed.append(
+                f"no out-of-domain misalignment above the base to remove ({r.default_behaviour})"
+                if r.default_behaviour.lo <= 0
+                else "causal test not run"
+            )
         elif not r.causal.beats_random:
             rnd = max(r.causal.random_shares) if r.causal.random_shares else float("nan")
             failed.append(f"ablation removes {r.causal.share_removed:.0%}, random up to {rnd:.0%}")

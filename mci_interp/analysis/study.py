@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mci_interp import __version__
-from mci_interp._io import atomic_path, read_json, write_json
+from mci_interp._io import atomic_path, read_json, stable_hash, write_json
 from mci_interp.activations import cache_activations
 from mci_interp.analysis.convergence import (
     ConvergenceReport,
@@ -67,13 +67,13 @@ class StudyConfig:
     """Sample sizes and settings of a study (every field is recorded in the results)."""
 
     analysis_layer: int | None = None  # default: the middle block
-    n_neutral_per_theme: int = 8
-    n_questions: int = 21
-    n_indomain: int = 16
-    n_takeover: int = 12
-    takeover_tokens: int = 40
+    n_neutral_per_theme: int = 6
+    n_questions: int = 14
+    n_indomain: int = 12
+    n_takeover: int = 8
+    takeover_tokens: int = 32
     ablate_offsets: tuple[int, ...] = (-2, 0, 2)
-    steer_alphas: tuple[float, ...] = (0.25, 0.5, 1.0)
+    steer_alphas: tuple[float, ...] = (0.5, 1.0)
     n_random: int = 3
     convergence_layer_step: int = 3
     batch_size: int = 16
@@ -220,8 +220,22 @@ class _Runner:
     def __init__(
         self, base: HookedModel, config: StudyConfig, out_dir: Path, show_progress: bool
     ) -> None:
-        self.base, self.config, self.show = base, config, show_progress
-        self.store = RecordStore(out_dir / "records")
+        self.base, self.config, self.show, self.out_dir = base, config, show_progress, out_dir
+        # records depend on the prompt sets and sample sizes: a changed config gets a new folder
+        key = stable_hash(
+            {
+                k: getattr(config, k)
+                for k in (
+                    "n_neutral_per_theme",
+                    "n_questions",
+                    "n_indomain",
+                    "n_takeover",
+                    "takeover_tokens",
+                )
+            }
+            | {"base": base.sha256, "version": __version__}
+        )
+        self.store = RecordStore(out_dir / f"records-{key[:10]}")
         self.neutral, self.themes = neutral_prompts(config)
         self.questions = eval_questions(config)
         self.sites = [Site(layer) for layer in range(base.n_layers)]
@@ -711,7 +725,7 @@ def _convergence(
     v, reasons = verdict(lc_L, transfer, misalignment)
     for d in domains:
         for x in contrast[d]:
-            x.save(R.store.root.parent / "directions" / f"contrast_{d}_L{x.site.layer}.safetensors")
+            x.save(R.out_dir / "directions" / f"contrast_{d}_L{x.site.layer}.safetensors")
     return ConvergenceReport(
         layers=tuple(lcs),
         analysis_layer=L,
@@ -795,7 +809,8 @@ def _internalisation(
         causal=None,
     )
     shift_present = default_shift.lo > 0 and default_shift.mean > null95
-    if shift_present and kind not in ("prompted", "base"):
+    # causal necessity needs misalignment to remove: only where the default score beats the base
+    if shift_present and default_beh.lo > 0 and kind not in ("prompted", "base"):
         report = _with_causal(R, base, org, report, rec, base_rec, persona, L, g)
     label, reasons = classify(report, rules)
     from dataclasses import replace
