@@ -91,24 +91,26 @@ def plot_convergence_by_layer(conv: ConvergenceReport) -> Figure:
 def _heat(
     ax,
     mat: np.ndarray,
-    labels: Sequence[str],
+    cols: Sequence[str],
+    rows: Sequence[str],
     title: str,
-    vmin=-1.0,
-    vmax=1.0,
-    cmap="RdBu_r",
-    fmt="{:+.2f}",
+    *,
+    vmin: float = -1.0,
+    vmax: float = 1.0,
+    cmap: str = "RdBu_r",
 ):
+    """An annotated heatmap on ``ax``; returns the image for a colour bar."""
     im = ax.imshow(mat, vmin=vmin, vmax=vmax, cmap=cmap)
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(
-        range(len(labels)) if len(labels) == mat.shape[0] else range(mat.shape[0]), fontsize=8
-    )
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize=8)
     for (r, c), v in np.ndenumerate(mat):
         if not math.isnan(v):
             ax.text(
                 c,
                 r,
-                fmt.format(v),
+                f"{v:+.2f}",
                 ha="center",
                 va="center",
                 fontsize=8,
@@ -123,10 +125,14 @@ def plot_cosine_heatmaps(conv: ConvergenceReport) -> Figure:
     lc = conv.at(conv.analysis_layer)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), constrained_layout=True)
     doms = list(lc.domains)
-    _heat(axes[0], lc.contrast_cos.numpy(), doms, f"misalignment contrast, L{lc.layer}")
-    axes[0].set_yticklabels(doms)
-    im = _heat(axes[1], lc.naive_cos.numpy(), doms, f"naive finetune - base, L{lc.layer}")
-    axes[1].set_yticklabels(doms)
+    _heat(
+        axes[0],
+        lc.contrast_cos.numpy(),
+        doms,
+        doms,
+        f"misalignment contrast (organism - control), L{lc.layer}",
+    )
+    im = _heat(axes[1], lc.naive_cos.numpy(), doms, doms, f"naive (finetune - base), L{lc.layer}")
     fig.colorbar(im, ax=axes, shrink=0.8, label="signed cosine")
     return fig
 
@@ -237,7 +243,8 @@ def plot_behaviour(
     ax.barh(
         y, m, xerr=err, color=[KIND_COLOURS.get(kinds.get(k, ""), "k") for k in names], alpha=0.85
     )
-    ax.set_yticks(y, names, fontsize=7)
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=7)
     ax.axvline(0, color="k", lw=0.6)
     ax.invert_yaxis()
     ax.set(
@@ -258,7 +265,8 @@ def plot_behaviour(
         ax2.barh(
             ty, tm, xerr=terr, color=[KIND_COLOURS.get(kinds.get(k, "base"), "#7f8c8d") for k in tn]
         )
-        ax2.set_yticks(ty, tn, fontsize=7)
+        ax2.set_yticks(ty)
+        ax2.set_yticklabels(tn, fontsize=7)
         ax2.invert_yaxis()
         ax2.set(
             xlim=(0, 1),
