@@ -12,6 +12,8 @@ Verdict rules (``verdict``):
   ablating each domain's direction in every other domain's organism removes more misalignment
   than every norm-matched random direction and at least ``min_transfer`` of it;
 - **partly**: at least one pair beats the nulls, or at least one transfer beats random;
+Transfer into an organism whose misalignment CI does not exclude zero is not counted (the share
+removed of a near-zero gap is meaningless).
 - **not converged**: neither.
 A verdict is flagged *untestable* when no domain shows out-of-domain misalignment (organism minus
 control CI above zero): then the directions compared carry no misalignment to converge on.
@@ -302,6 +304,12 @@ def verdict(
         for i, d in enumerate(transfer.directions):
             for j, o in enumerate(transfer.organisms):
                 if o.split(":")[0] == d:
+                    continue
+                gap = misalignment.get(o.split(":")[0])
+                if gap is None or gap.lo <= 0:
+                    reasons.append(
+                        f"transfer into {o} not counted: no out-of-domain misalignment to remove ({gap})"
+                    )
                     continue
                 n_transfer += 1
                 ok = transfer.beats_random(i, j)
