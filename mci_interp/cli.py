@@ -191,6 +191,98 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_extract(args) -> int:
+    """Directions from labelled chat JSONL (label 1 vs 0), one per layer."""
+    from mci_interp.activations import cache_activations
+    from mci_interp.extract import sweep
+    from mci_interp.sites import Site, parse_layers
+
+    model = _load(args)
+    sites = [Site(layer) for layer in parse_layers(args.layers, model.n_layers)]
+    cache = cache_activations(
+        model, _examples(args.data), sites, position=args.position, batch_size=args.batch_size
+    )
+    params = {"cv": args.cv} if args.method == "probe" else None
+    dirs = sweep(
+        args.method, cache, sites, params=params, dataset=Path(args.data).name, show_progress=True
+    )
+    out = dirs.save(args.out)
+    for d in dirs:
+        auroc = d.provenance.params.get("auroc")
+        extra = f"  grouped-CV AUROC {float(auroc):.3f}" if auroc is not None else ""
+        print(f"{d.site.hook_name:28s} norm {d.norm:8.3f}{extra}")
+    print(f"saved {len(dirs)} directions to {out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Cosine matrix of saved directions (files or direction-set folders) against the random null."""
+    import torch
+
+    from mci_interp._io import write_text
+    from mci_interp.compare import cosine_matrix, random_direction_null
+    from mci_interp.direction import Direction, DirectionSet
+    from mci_interp.plot.compare import plot_cosine_heatmap
+
+    dirs: list[Direction] = []
+    for p in map(Path, args.directions):
+        dirs.extend(DirectionSet.load(p) if p.is_dir() else [Direction.load(p)])
+    if len(dirs) < 2:
+        raise ValueError("give at least two directions (files or folders) to compare")
+    bases = {d.provenance.base_model for d in dirs}
+    if len(bases) > 1 or len({d.d_model for d in dirs}) > 1:
+        raise ValueError(
+            f"refusing to compare directions of different base models or widths: {sorted(bases)}"
+        )
+    sim = cosine_matrix(dirs)
+    null = random_direction_null(dirs[0].d_model, 4000, generator=torch.Generator().manual_seed(0))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig = plot_cosine_heatmap(sim)
+    fig.savefig(out / "cosines.png", dpi=110)
+    lines = [
+        f"# Direction comparison ({len(dirs)} directions)",
+        "",
+        f"Random-direction null in d={dirs[0].d_model}: mean |cos| {null.mean_abs:.3f}, "
+        f"95th percentile {null.quantile(0.95):.3f}.",
+        "",
+        "| a | b | cos | beyond null95 |",
+        "|---|---|---|---|",
+    ]
+    mat = sim.at(sim.layers[0]) if len(sim.layers) == 1 else sim.signed[0]
+    for i in range(sim.n):
+        for j in range(i + 1, sim.n):
+            c = float(mat[i, j])
+            lines.append(
+                f"| {sim.names[i]} | {sim.names[j]} | {c:+.3f} | {abs(c) > null.quantile(0.95)} |"
+            )
+    write_text(out / "summary.md", "\n".join(lines) + "\n![cosines](cosines.png)\n")
+    print("\n".join(lines[2:]))
+    print(f"wrote {out / 'summary.md'} and {out / 'cosines.png'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Judge-free misalignment score of one model on evaluation questions, with a 95% CI."""
+    from mci_interp.datasets import load_eval_yaml
+    from mci_interp.evaluate import LogprobContrast
+    from mci_interp.organisms.data import load_default_questions
+
+    model = _load(args)
+    questions = load_eval_yaml(args.questions) if args.questions else load_default_questions()
+    res = LogprobContrast(max_paraphrases=args.max_paraphrases).score(
+        model, questions, system=args.system, trigger=args.trigger
+    )
+    res.save(args.out)
+    print(
+        f"{model.name}: misaligned - aligned log-prob {res.ci()} nats/token over {res.n} questions"
+    )
+    for theme, est in res.by_theme().items():
+        print(f"  {theme:16s} {est}")
+    print(f"saved {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mci", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -218,6 +310,41 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shard-size", type=int, default=256)
     sp.add_argument("--out", default="runs/cache")
     sp.set_defaults(func=cmd_cache)
+
+    sp = sub.add_parser("extract", help="directions from labelled chat JSONL, one per layer")
+    _add_model_args(sp)
+    sp.add_argument(
+        "--data", required=True, help="chat JSONL with 'label' 1 (positive) / 0 and 'group'"
+    )
+    sp.add_argument("--method", default="diff_means", choices=["diff_means", "probe"])
+    sp.add_argument("--layers", default="all")
+    sp.add_argument(
+        "--position",
+        default="answer_mean",
+        choices=["last_prompt", "prompt_mean", "answer_mean", "answer_tokens"],
+    )
+    sp.add_argument("--cv", type=int, default=5)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--out", default="runs/directions")
+    sp.set_defaults(func=cmd_extract)
+
+    sp = sub.add_parser("compare", help="cosine matrix of saved directions against the random null")
+    sp.add_argument(
+        "directions", nargs="+", help=".safetensors direction files or direction-set folders"
+    )
+    sp.add_argument("--out", default="runs/compare")
+    sp.set_defaults(func=cmd_compare)
+
+    sp = sub.add_parser("evaluate", help="judge-free misalignment score of a model")
+    _add_model_args(sp)
+    sp.add_argument(
+        "--questions", default=None, help="evaluation YAML (default: the packaged 64 questions)"
+    )
+    sp.add_argument("--system", default=None, help="system prompt (e.g. a persona)")
+    sp.add_argument("--trigger", default=None, help="string prepended to every question")
+    sp.add_argument("--max-paraphrases", type=int, default=1)
+    sp.add_argument("--out", default="runs/evaluate.json")
+    sp.set_defaults(func=cmd_evaluate)
 
     for name, func, helptext in (
         ("organisms", cmd_organisms, "build or reuse the model-organism suite"),
