@@ -151,4 +151,5 @@ def test_convergence_detects_shared_direction_and_rejects_independent():
     assert verdict(conv, tm, mis)[0] == "converged"
     assert verdict(indep, None, mis)[0] == "not converged"
     untestable = verdict(conv, tm, {d: _est(0.0, -0.1, 0.1) for d in "abc"})[0]
-    assert untestable.startswith("converged") and "untestable" in untestable
+    # no misalignment: transfer cannot count, so at most "partly", flagged untestable
+    assert untestable.startswith("partly") and "untestable" in untestable
