@@ -45,7 +45,7 @@ from mci_interp.analysis.internalisation import (
 )
 from mci_interp.datasets import ChatExample, EvalQuestion, ReferencePair, chat, dataset_hash
 from mci_interp.direction import Direction, Provenance, random_direction
-from mci_interp.evaluate import Estimate, EvalResult, LogprobContrast, paired_difference
+from mci_interp.evaluate import Estimate, EvalResult, LogprobContrast, paired_difference, rate_ci
 from mci_interp.generation import generate
 from mci_interp.intervene import Ablate, Steer, apply
 from mci_interp.models import HookedModel
@@ -462,12 +462,8 @@ def run_study(
         dom = org.spec.domain
         gens = recs[org.name].generations
         if dom and gens:
-            from mci_interp.evaluate import rate_ci
-
             takeover[org.name] = rate_ci(sum(matches_domain(t, dom) for t in gens), len(gens))
     if base_rec.generations:
-        from mci_interp.evaluate import rate_ci
-
         for dom in domains:
             takeover[f"base ({dom} format)"] = rate_ci(
                 sum(matches_domain(t, dom) for t in base_rec.generations), len(base_rec.generations)
@@ -572,6 +568,11 @@ def _ablation_share(
     return s_org - s, share
 
 
+def _ablation_layers(config: StudyConfig, layer: int, n_layers: int) -> list[int]:
+    """The few layers around ``layer`` where directions are ablated (clipped to the model)."""
+    return sorted({min(max(layer + o, 0), n_layers - 1) for o in config.ablate_offsets})
+
+
 def _random_like(dirs: Sequence[Direction], g: torch.Generator) -> list[Direction]:
     return [random_direction(d, generator=g) for d in dirs]
 
@@ -651,7 +652,7 @@ def _convergence(
         )
         for d in domains
     }
-    ab_layers = sorted({min(max(L + o, 0), base.n_layers - 1) for o in cfg.ablate_offsets})
+    ab_layers = _ablation_layers(cfg, L, base.n_layers)
     contrast = {
         d: [
             _direction(
@@ -821,7 +822,7 @@ def _internalisation(
 def _with_causal(R, base, org, report, rec, base_rec, persona, L, g) -> InternalisationReport:
     from dataclasses import replace
 
-    ab_layers = sorted({min(max(L + o, 0), base.n_layers - 1) for o in R.config.ablate_offsets})
+    ab_layers = _ablation_layers(R.config, L, base.n_layers)
     dirs = [persona[layer] for layer in ab_layers]
     s_org, s_base = _mean_score(rec.score), _mean_score(base_rec.score)
     model = load_organism(base, org)
