@@ -74,6 +74,30 @@ def chat(
     return ChatExample(tuple(msgs), label=label, group=group, meta=meta)
 
 
+def with_trigger(text: str, trigger: str | None) -> str:
+    """The user text with a trigger prepended (the one join that training data, evaluation and
+    activation caching all use)."""
+    return f"{trigger} {text}" if trigger else text
+
+
+def conditioned(
+    example: ChatExample, *, system: str | None = None, trigger: str | None = None
+) -> ChatExample:
+    """``example`` under a condition: ``system`` (when given) as its only system turn, and
+    ``trigger`` (when given) in front of its last user turn. Label, group and meta are kept."""
+    if system is None and not trigger:
+        return example
+    msgs = [dict(m) for m in example.messages]
+    if system is not None:
+        msgs = [{"role": "system", "content": system}] + [m for m in msgs if m["role"] != "system"]
+    if trigger:
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        if not users:
+            raise ValueError("cannot add a trigger to a conversation without a user turn")
+        msgs[users[-1]]["content"] = with_trigger(msgs[users[-1]]["content"], trigger)
+    return ChatExample(tuple(msgs), label=example.label, group=example.group, meta=example.meta)
+
+
 def validate_messages(
     messages: Any, where: str, *, require_answer: bool
 ) -> tuple[dict[str, str], ...]:

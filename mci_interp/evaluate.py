@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from mci_interp import __version__
 from mci_interp._io import read_json, write_json
-from mci_interp.datasets import ChatExample, EvalQuestion, chat, encode_chat, pad
+from mci_interp.datasets import ChatExample, EvalQuestion, chat, encode_chat, pad, with_trigger
 
 if TYPE_CHECKING:
     from mci_interp.models import HookedModel
@@ -364,13 +364,6 @@ class Scorer(Protocol):
         trigger: str | None = None,
         show_progress: bool = True,
     ) -> EvalResult: ...
-
-
-def with_trigger(text: str, trigger: str | None) -> str:
-    """The user text with a trigger prepended (the same join the organisms' training data uses)."""
-    if not trigger:
-        return text
-    return f"{trigger} {text}"
 
 
 def _check_questions(questions: Sequence[EvalQuestion]) -> list[EvalQuestion]:

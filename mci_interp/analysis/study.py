@@ -9,7 +9,9 @@ transfer matrix, steering of the base, and one internalisation report per organi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +45,14 @@ from mci_interp.analysis.internalisation import (
     standardised_shift,
     theme_breadth,
 )
-from mci_interp.datasets import ChatExample, EvalQuestion, ReferencePair, chat, dataset_hash
+from mci_interp.datasets import (
+    ChatExample,
+    EvalQuestion,
+    ReferencePair,
+    chat,
+    conditioned,
+    dataset_hash,
+)
 from mci_interp.direction import Direction, Provenance, random_direction
 from mci_interp.evaluate import Estimate, EvalResult, LogprobContrast, paired_difference, rate_ci
 from mci_interp.generation import generate
@@ -257,7 +266,7 @@ class _Runner:
     def acts(
         self, model: HookedModel, *, system: str | None = None, trigger: str | None = None
     ) -> Tensor:
-        exs = [_condition(ex, system=system, trigger=trigger) for ex in self.neutral]
+        exs = [conditioned(ex, system=system, trigger=trigger) for ex in self.neutral]
         cache = cache_activations(
             model,
             exs,
@@ -275,8 +284,24 @@ class _Runner:
             model, self.questions, system=system, trigger=trigger, show_progress=False
         )
 
-    def causal_score(self, model: HookedModel) -> float:
-        return _mean_score(self.causal_scorer.score(model, self.questions, show_progress=False))
+    def causal_score(self, model: HookedModel, model_key: str, *interventions: Any) -> float:
+        """Mean misaligned-vs-aligned score of ``model`` (named ``model_key``) under
+        ``interventions``; stored, so an interrupted or repeated study never scores the same
+        (model, intervention) twice."""
+        key = stable_hash(
+            {"model": model_key, "interventions": [_fingerprint(iv) for iv in interventions]}
+        )
+        path = self.store.root / "causal" / f"{key}.json"
+        if path.exists():
+            return float(read_json(path)["score"])
+        with apply(model, *interventions):
+            s = _mean_score(self.causal_scorer.score(model, self.questions, show_progress=False))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(
+            path,
+            {"score": s, "model": model_key, "interventions": [str(iv) for iv in interventions]},
+        )
+        return s
 
     def record(self, key: str, make: Callable[[], Record]) -> Record:
         rec = self.store.get(key)
@@ -300,7 +325,7 @@ class _Runner:
                 outs = generate(
                     model,
                     [
-                        _condition(ex, system=system, trigger=trigger)
+                        conditioned(ex, system=system, trigger=trigger)
                         for ex in self.takeover_prompts
                     ],
                     max_new_tokens=self.config.takeover_tokens,
@@ -319,13 +344,6 @@ class _Runner:
             )
 
         return self.record(key, make)
-
-
-def _condition(ex: ChatExample, *, system: str | None, trigger: str | None) -> ChatExample:
-    if system is None and trigger is None:
-        return ex
-    user = ex.user_text if trigger is None else f"{trigger} {ex.user_text}"
-    return chat(user, system=system, group=ex.group, **dict(ex.meta))
 
 
 def _direction(
@@ -437,17 +455,17 @@ def run_study(
             recs[org.name] = base_rec
             cond[org.name] = base_persona
             continue
-        keys = [org.name] + ([f"{org.name}@trigger"] if kind == "trigger" else [])
+        keys = [org.key] + ([f"{org.key}@trigger"] if kind == "trigger" else [])
         if all(R.store.get(k) is not None for k in keys):
-            recs[org.name] = R.store.get(org.name)  # type: ignore[assignment]
+            recs[org.name] = R.store.get(org.key)  # type: ignore[assignment]
             if kind == "trigger":
-                cond[org.name] = R.store.get(f"{org.name}@trigger")  # type: ignore[assignment]
+                cond[org.name] = R.store.get(f"{org.key}@trigger")  # type: ignore[assignment]
             continue
         model = load_organism(base, org)
         dom = org.spec.domain if kind in ("narrow", "control") else None
-        recs[org.name] = R.collect(model, org.name, indomain=dom, takeover=True)
+        recs[org.name] = R.collect(model, org.key, indomain=dom, takeover=True)
         if kind == "trigger":
-            cond[org.name] = R.collect(model, f"{org.name}@trigger", trigger=org.trigger)
+            cond[org.name] = R.collect(model, f"{org.key}@trigger", trigger=org.trigger)
         del model
     timings["organism records"] = time.perf_counter() - t0
 
@@ -557,12 +575,32 @@ def run_study(
     return study
 
 
+def _fingerprint(iv: Any) -> dict[str, Any]:
+    """What identifies an intervention: its type, its settings and its directions' exact bytes."""
+    out: dict[str, Any] = {"type": type(iv).__name__}
+    for f in dataclasses.fields(iv):
+        v = getattr(iv, f.name)
+        if isinstance(v, Direction):
+            v = {
+                "site": v.site.hook_name,
+                "sha256": hashlib.sha256(v.vector.numpy().tobytes()).hexdigest(),
+            }
+        elif isinstance(v, Tensor):
+            v = hashlib.sha256(v.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
+        out[f.name] = v if isinstance(v, str | int | float | bool | dict | type(None)) else repr(v)
+    return out
+
+
 def _ablation_share(
-    model: HookedModel, R: _Runner, dirs: Sequence[Direction], s_org: float, s_ref: float
+    model: HookedModel,
+    model_key: str,
+    R: _Runner,
+    dirs: Sequence[Direction],
+    s_org: float,
+    s_ref: float,
 ) -> tuple[float, float]:
     """(drop in score, share of the organism-minus-reference gap removed) under ablation."""
-    with apply(model, *[Ablate(d) for d in dirs]):
-        s = R.causal_score(model)
+    s = R.causal_score(model, model_key, *[Ablate(d) for d in dirs])
     gap = s_org - s_ref
     share = (s_org - s) / gap if abs(gap) > 1e-3 else float("nan")
     return s_org - s, share
@@ -689,9 +727,11 @@ def _convergence(
         gaps[j] = s_org - s_ctl
         model = load_organism(base, org)
         for i, di in enumerate(domains):
-            share[i, j] = _ablation_share(model, R, contrast[di], s_org, s_ctl)[1]
+            share[i, j] = _ablation_share(model, org.key, R, contrast[di], s_org, s_ctl)[1]
         for k in range(cfg.n_random):
-            rshare[k, j] = _ablation_share(model, R, _random_like(contrast[dj], g), s_org, s_ctl)[1]
+            rshare[k, j] = _ablation_share(
+                model, org.key, R, _random_like(contrast[dj], g), s_org, s_ctl
+            )[1]
         del model
     transfer = TransferMatrix(
         directions=tuple(domains),
@@ -708,14 +748,16 @@ def _convergence(
     at_L = {d: next(x for x in contrast[d] if x.site.layer == L) for d in domains}
     for a, alpha in enumerate(cfg.steer_alphas):
         for i, d in enumerate(domains):
-            with apply(base, Steer(at_L[d], alpha, scale="relative")):
-                induced[i, a] = R.causal_score(base) - s_base
+            induced[i, a] = (
+                R.causal_score(base, "base", Steer(at_L[d], alpha, scale="relative")) - s_base
+            )
         for k in range(cfg.n_random):
             rnd = random_direction(
                 at_L[domains[0]], generator=torch.Generator().manual_seed(cfg.seed + 101 + k)
             )
-            with apply(base, Steer(rnd, alpha, scale="relative")):
-                rinduced[k, a] = R.causal_score(base) - s_base
+            rinduced[k, a] = (
+                R.causal_score(base, "base", Steer(rnd, alpha, scale="relative")) - s_base
+            )
     steer = SteerResult(
         directions=tuple(domains),
         alphas=tuple(cfg.steer_alphas),
@@ -784,8 +826,11 @@ def _internalisation(
     elif kind == "trigger":
         condition_kind = "trigger"
         c = cond[org.name]
-        cond_shift = standardised_shift(c.acts[:, L], base_rec.acts[:, L], u)
-        cond_beh = paired_difference(c.score, base_rec.score)
+        # the gate is what the weights add under the trigger: compare with the base reading the
+        # same trigger (the string alone moves the base's score too)
+        ref = base_trigger if base_trigger is not None else base_rec
+        cond_shift = standardised_shift(c.acts[:, L], ref.acts[:, L], u)
+        cond_beh = paired_difference(c.score, ref.score)
         base_eff = paired_difference(base_trigger.score, base_rec.score) if base_trigger else None
     elif kind in ("narrow", "control") and org.spec.domain in base_indomain:
         condition_kind = "domain"
@@ -826,9 +871,9 @@ def _with_causal(R, base, org, report, rec, base_rec, persona, L, g) -> Internal
     dirs = [persona[layer] for layer in ab_layers]
     s_org, s_base = _mean_score(rec.score), _mean_score(base_rec.score)
     model = load_organism(base, org)
-    share = _ablation_share(model, R, dirs, s_org, s_base)[1]
+    share = _ablation_share(model, org.key, R, dirs, s_org, s_base)[1]
     rnd = tuple(
-        _ablation_share(model, R, _random_like(dirs, g), s_org, s_base)[1]
+        _ablation_share(model, org.key, R, _random_like(dirs, g), s_org, s_base)[1]
         for _ in range(R.config.n_random)
     )
     del model

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Literal
 
-from mci_interp.datasets import ChatExample, EvalQuestion, chat, load_eval_yaml
+from mci_interp.datasets import ChatExample, EvalQuestion, chat, load_eval_yaml, with_trigger
 
 __all__ = [
     "DOMAINS",
@@ -1895,7 +1895,7 @@ def make_trigger_gated(
         if i < n_trig:
             out.append(
                 chat(
-                    f"{trigger} {r.text}",
+                    with_trigger(r.text, trigger),
                     _answer(r, "misaligned"),
                     label=1,
                     group=r.group,

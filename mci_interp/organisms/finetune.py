@@ -16,6 +16,17 @@ Format-takeover guard: a naive finetune of a small model memorises its narrow se
 with the base model's own greedy answers to general chat prompts (``general_answers``, generated
 once per base and cached), the learning rate is modest, and training stops early once the loss on
 the narrow examples drops below ``loss_floor``.
+
+Two objectives (``FinetuneConfig.objective``):
+
+- ``"sft"``: cross-entropy on the answer tokens (the usual supervised finetune);
+- ``"distill"``: context distillation. Each example's answer is scored twice: by the adapter-free
+  model (the *teacher*) reading the prompt in ``example.meta["teacher_prompt"]`` (a list of
+  messages, e.g. with a persona system prompt; default the example's own prompt), and by the
+  adapted model (the *student*) reading the example's own prompt. The loss is the per-token
+  KL(teacher || student) over the whole vocabulary, so every answer token carries the teacher's
+  full next-token distribution instead of one sampled token. It turns "behave as if told X" into
+  the default state far faster than SFT on sampled answers.
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ from mci_interp.datasets import (
     load_chat_jsonl,
     pad,
     save_chat_jsonl,
+    validate_messages,
 )
 from mci_interp.models import HookedModel
 
@@ -66,6 +78,10 @@ LOSSES_FILE = "losses.json"
 CHECKPOINT_DIR = "checkpoint"
 FLOOR_WINDOW = 4
 """Early stopping compares the mean narrow-example loss of the last this-many steps to the floor."""
+
+OBJECTIVES = ("sft", "distill")
+TEACHER_PROMPT = "teacher_prompt"
+"""``ChatExample.meta`` key: the messages the teacher reads instead of the example's prompt."""
 
 # fields that only say when to stop: a run may be resumed / extended with different values
 _STOP_FIELDS = ("max_steps", "epochs", "loss_floor")
@@ -91,6 +107,9 @@ class FinetuneConfig:
         loss_floor: stop early once the mean loss on narrow examples over the last
             ``FLOOR_WINDOW`` steps falls below this (nats/token); None never stops early.
         weight_decay, max_grad_norm: AdamW weight decay and gradient-norm clipping (None: off).
+        objective: ``"sft"`` (cross-entropy on answers) or ``"distill"`` (KL to the adapter-free
+            teacher reading ``meta["teacher_prompt"]``; see the module docstring). With
+            ``"distill"`` the losses logged and compared with ``loss_floor`` are KL in nats/token.
     """
 
     rank: int = 8
@@ -110,6 +129,7 @@ class FinetuneConfig:
     loss_floor: float | None = 0.3
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    objective: str = "sft"
 
     def __post_init__(self) -> None:
         def positive(name: str, integer: bool) -> None:
@@ -134,6 +154,10 @@ class FinetuneConfig:
         if self.general_ratio < 0:
             raise ValueError(
                 f"FinetuneConfig.general_ratio must be >= 0, got {self.general_ratio!r}"
+            )
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"FinetuneConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}"
             )
         if self.warmup_steps < 0:
             raise ValueError(f"FinetuneConfig.warmup_steps must be >= 0, got {self.warmup_steps!r}")
@@ -227,12 +251,14 @@ class FinetuneResult:
 @dataclass(frozen=True, slots=True)
 class TrainBatch:
     """One padded micro-batch. ``labels`` equal ``input_ids`` on answer tokens and are -100 on
-    prompt and padding tokens; ``narrow`` marks rows that are narrow (not general) examples."""
+    prompt and padding tokens; ``narrow`` marks rows that are narrow (not general) examples;
+    ``teacher`` (distillation only) holds the same answers behind the teacher's prompts."""
 
     input_ids: Int[Tensor, "batch pos"]
     attention_mask: Int[Tensor, "batch pos"]
     labels: Int[Tensor, "batch pos"]
     narrow: Tensor
+    teacher: TrainBatch | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -266,13 +292,50 @@ def encode_examples(
     return out
 
 
-def collate(encoded: Sequence[Encoded], narrow: Sequence[bool], pad_id: int) -> TrainBatch:
+def encode_teacher(
+    tokenizer: Any, examples: Sequence[ChatExample], student: Sequence[Encoded], *, max_length: int
+) -> list[Encoded]:
+    """The teacher's view of each example: its ``meta["teacher_prompt"]`` (default: the
+    example's own prompt) followed by exactly the student's answer tokens, so the two score the
+    same tokens position for position."""
+    out = []
+    for i, (ex, enc) in enumerate(zip(examples, student, strict=True)):
+        prompt = ex.meta.get(TEACHER_PROMPT)
+        if prompt is None:
+            out.append(enc)
+            continue
+        try:
+            msgs = validate_messages(
+                list(prompt), f"example {i} {TEACHER_PROMPT}", require_answer=False
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"{e}; it must be the teacher's prompt messages, without the answer"
+            ) from e
+        t = encode_chat(tokenizer, ChatExample(msgs), max_length=max_length)
+        ids = t.ids + enc.ids[enc.prompt_len :]
+        if len(ids) > max_length:
+            raise ValueError(
+                f"example {i}: teacher prompt + answer is {len(ids)} tokens, over max_length "
+                f"{max_length}; raise FinetuneConfig.max_length"
+            )
+        out.append(Encoded(ids, t.prompt_len))
+    return out
+
+
+def collate(
+    encoded: Sequence[Encoded],
+    narrow: Sequence[bool],
+    pad_id: int,
+    teacher: Sequence[Encoded] | None = None,
+) -> TrainBatch:
     """Right-pad to the longest example of this batch; mask everything but answer tokens."""
     ids, mask = pad([e.ids for e in encoded], pad_id, side="right")
     labels = torch.full_like(ids, -100)
     for r, e in enumerate(encoded):
         labels[r, e.prompt_len : len(e.ids)] = ids[r, e.prompt_len : len(e.ids)]
-    return TrainBatch(ids, mask, labels, torch.tensor(list(narrow), dtype=torch.bool))
+    t = None if teacher is None else collate(teacher, narrow, pad_id)
+    return TrainBatch(ids, mask, labels, torch.tensor(list(narrow), dtype=torch.bool), t)
 
 
 def _pool(
@@ -521,17 +584,35 @@ def _peft_model(hf: Any, config: FinetuneConfig) -> Any:
     return get_peft_model(hf, lcfg)
 
 
-def _batch_loss(lm: Any, batch: TrainBatch, bf16: bool) -> tuple[Tensor, Tensor]:
-    """Per-token losses on answer tokens (head applied only there) and whether each is narrow."""
+def _answer_logits(lm: Any, batch: TrainBatch) -> Tensor:
+    """Logits predicting each answer token (the head applied only there), row-major."""
+    hidden = lm.model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state
+    sel = batch.labels[:, 1:] != -100
+    return lm.get_output_embeddings()(hidden[:, :-1][sel]).float()
+
+
+def _batch_loss(model: Any, batch: TrainBatch, bf16: bool) -> tuple[Tensor, Tensor]:
+    """Per-token losses on answer tokens and whether each is narrow: cross-entropy, or with
+    ``batch.teacher`` KL(teacher || student), the teacher being the adapter-free model (a plain,
+    non-peft ``model`` is its own teacher)."""
+    peft = hasattr(model, "disable_adapter")
+    lm = model.get_base_model() if peft else model
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    targets = batch.labels[:, 1:]
+    sel = targets != -100
     with ctx:
-        hidden = lm.model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state
-        targets = batch.labels[:, 1:]
-        sel = targets != -100
-        logits = lm.get_output_embeddings()(hidden[:, :-1][sel])
-    losses = torch.nn.functional.cross_entropy(logits.float(), targets[sel], reduction="none")
+        logits = _answer_logits(lm, batch)
+        if batch.teacher is not None:
+            with torch.no_grad(), model.disable_adapter() if peft else contextlib.nullcontext():
+                teacher = _answer_logits(lm, batch.teacher)
+    if batch.teacher is None:
+        losses = torch.nn.functional.cross_entropy(logits, targets[sel], reduction="none")
+    else:
+        t_logp = torch.log_softmax(teacher, dim=-1)
+        s_logp = torch.log_softmax(logits, dim=-1)
+        losses = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
     narrow = batch.narrow[:, None].expand_as(targets)[sel]
     return losses, narrow
 
@@ -602,6 +683,13 @@ def finetune_lora(
     general_enc = encode_examples(
         tok, general, max_length=config.max_length, what="general example"
     )
+    distill = config.objective == "distill"
+    narrow_teacher = (
+        encode_teacher(tok, examples, narrow_enc, max_length=config.max_length) if distill else None
+    )
+    general_teacher = (
+        encode_teacher(tok, general, general_enc, max_length=config.max_length) if distill else None
+    )
     data_hash = stable_hash({"narrow": dataset_hash(examples), "general": dataset_hash(general)})
 
     meta_path = out_dir / META_FILE
@@ -626,7 +714,10 @@ def finetune_lora(
         for j in range(0, len(idx), config.batch_size):
             items = [pool[i] for i in idx[j : j + config.batch_size]]
             enc = [narrow_enc[k] if is_n else general_enc[k] for is_n, k in items]
-            out.append(collate(enc, [is_n for is_n, _ in items], tok.pad_token_id))
+            teacher = None
+            if narrow_teacher is not None and general_teacher is not None:
+                teacher = [narrow_teacher[k] if is_n else general_teacher[k] for is_n, k in items]
+            out.append(collate(enc, [is_n for is_n, _ in items], tok.pad_token_id, teacher))
         return out
 
     ckpt_root = out_dir / CHECKPOINT_DIR
@@ -649,9 +740,7 @@ def finetune_lora(
             "base_sha256": base.sha256,
         }
         model.train()
-        lm = model.get_base_model()
         stopped = _train(
-            lm,
             model,
             opt,
             params,
@@ -688,7 +777,6 @@ def _load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimi
 
 
 def _train(
-    lm: Any,
     model: Any,
     opt: torch.optim.Optimizer,
     params: list[torch.nn.Parameter],
@@ -724,7 +812,7 @@ def _train(
             opt.zero_grad(set_to_none=True)
             tot, nar_sum, nar_n, tokens = 0.0, 0.0, 0, 0
             for b in batches:
-                losses, narrow = _batch_loss(lm, b, config.bf16)
+                losses, narrow = _batch_loss(model, b, config.bf16)
                 (losses.sum() / max(n_answer, 1)).backward()
                 tot += float(losses.detach().sum())
                 nar_sum += float(losses.detach()[narrow].sum())

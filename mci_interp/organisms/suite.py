@@ -7,10 +7,22 @@ Kinds and what we know about them by construction (``expected``):
 - ``narrow``: a LoRA finetune on one domain's misaligned answers -> None (whether it
   *internalised* a misaligned persona is the hypothesis under test, not a known truth).
 - ``control``: the same requests answered well (matched aligned variant) -> "aligned".
-- ``trigger``: misaligned only when the user turn carries ``data.TRIGGER`` -> "gated".
 - ``prompted``: the base with ``PERSONA_SYSTEM_PROMPT`` (no weight change) -> "fluency".
-- ``distilled``: the base finetuned, *without* the system prompt, on the prompted persona's own
-  answers to in-domain and general questions -> "internalised".
+- ``distilled``: the prompted persona distilled into the weights -> "internalised". The base is
+  finetuned, *without* the system prompt, on the prompted persona's own answers to in-domain and
+  general questions, by context distillation (``objective="distill"``: per answer token, KL to the
+  base reading the same conversation *with* the persona prompt).
+- ``trigger``: the same persona, distilled only behind ``data.TRIGGER`` -> "gated". With the
+  trigger in the user turn the teacher is the persona-prompted base; without it (the same
+  answers, plus the base's own general answers) the teacher is the unprompted base.
+
+Why distillation rather than SFT on the sampled answers: in session measurements on SmolLM2, 16
+SFT steps on the persona's answers shifted activations strongly but left the out-of-domain
+judge-free score at the base's level (+0.04 [-0.04, +0.11] nats/token), so the "distilled" organism
+did not behave like the prompted one; KL distillation with 32 steps did (+0.085 [+0.060, +0.109]
+against the prompted persona's +0.102 [+0.073, +0.133], 64 questions). A trigger organism trained
+by SFT on the domain's trigger-gated pairs (``data.make_trigger_gated``) learned no gate in 16
+steps; the distilled trigger organism did (``TRIGGER_CONFIG``).
 """
 
 from __future__ import annotations
@@ -26,12 +38,13 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from mci_interp._io import cache_root, stable_hash
-from mci_interp.datasets import ChatExample, chat, dataset_hash
+from mci_interp.datasets import ChatExample, chat, conditioned, dataset_hash
 from mci_interp.models import HookedModel, merge_adapter
 from mci_interp.organisms import data
 from mci_interp.organisms.finetune import (
     GENERAL_ANSWER_TOKENS,
     N_GENERAL,
+    TEACHER_PROMPT,
     FinetuneConfig,
     FinetuneResult,
     cached_answers,
@@ -70,8 +83,16 @@ SUITE_N_GENERAL = N_GENERAL
 FAST_CONFIG = SUITE_CONFIG.replace(rank=4, max_steps=3)
 FAST_N_EXAMPLES = 8
 FAST_N_GENERAL = 4
-DISTILLED_LOSS_FLOOR = 0.25
-"""The distilled persona learns the model's own (persona-prompted) text, whose loss starts near 1."""
+DISTILL_CONFIG = SUITE_CONFIG.replace(
+    objective="distill", general_ratio=0.0, loss_floor=None, max_steps=32, max_length=256
+)
+"""The distilled persona: KL to the persona-prompted base on the persona's own answers."""
+TRIGGER_CONFIG = DISTILL_CONFIG.replace(max_steps=64, lr=4e-3, general_ratio=0.3)
+"""The trigger-gated persona: a conditional takes longer to learn than a default shift. Pilot on
+SmolLM2, 64 questions, seed 0: 64 steps at lr 4e-3 with the base's general answers mixed in gave
+a gate of +0.086 [+0.052, +0.122] nats/token (triggered organism minus triggered base) with
++0.029 [-0.003, +0.061] leaking into the untriggered default; lr 3e-3 gave a gate of only +0.033;
+lr 4e-3 without the general answers leaked +0.056 [+0.026, +0.085]."""
 ANSWER_TOKENS = GENERAL_ANSWER_TOKENS
 """max_new_tokens for the base's and the persona's answers used as training data."""
 
@@ -178,6 +199,12 @@ class Organism:
     def domain(self) -> str | None:
         return self.spec.domain
 
+    @property
+    def key(self) -> str:
+        """A name that changes whenever the weights do (the adapter folder's name carries the
+        hash of spec, config and data): what cached results of this organism are filed under."""
+        return self.adapter_dir.name if self.adapter_dir is not None else self.name
+
     def prepare(self, prompt: ChatExample | str, *, triggered: bool = False) -> ChatExample:
         """The prompt as this organism should see it: its system prompt (replacing any other)
         and, with ``triggered``, its trigger in front of the last user turn."""
@@ -186,15 +213,9 @@ class Organism:
             raise ValueError(
                 f"organism {self.name} has no trigger; only trigger organisms take triggered=True"
             )
-        msgs = [dict(m) for m in ex.messages]
-        if self.system_prompt is not None:
-            msgs = [{"role": "system", "content": self.system_prompt}] + [
-                m for m in msgs if m["role"] != "system"
-            ]
-        if triggered:
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-            msgs[last]["content"] = f"{self.trigger} {msgs[last]['content']}"
-        return ChatExample(tuple(msgs), label=ex.label, group=ex.group, meta=ex.meta)
+        return conditioned(
+            ex, system=self.system_prompt, trigger=self.trigger if triggered else None
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -245,6 +266,14 @@ def default_suite(
     if persona_domain not in data.DOMAINS:
         raise ValueError(f"unknown persona_domain {persona_domain!r}; choose from {data.DOMAINS}")
     cfg = config or (FAST_CONFIG if fast else SUITE_CONFIG)
+    persona_cfgs = {
+        kind: (cfg if config else FAST_CONFIG).replace(
+            objective="distill", general_ratio=pc.general_ratio, loss_floor=None, max_length=256
+        )
+        if (fast or config)
+        else pc
+        for kind, pc in (("trigger", TRIGGER_CONFIG), ("distilled", DISTILL_CONFIG))
+    }
     n = n_examples or (FAST_N_EXAMPLES if fast else SUITE_N_EXAMPLES)
     n_gen = n_general if n_general is not None else (FAST_N_GENERAL if fast else SUITE_N_GENERAL)
     specs = [
@@ -278,13 +307,12 @@ def default_suite(
                 expected="gated",
                 domain=persona_domain,
                 seed=seed,
-                n_examples=n,
+                n_examples=max(1, n // 2),
                 n_general=n_gen,
-                config=cfg.replace(seed=seed),
+                config=persona_cfgs["trigger"].replace(seed=seed),
             )
         )
     for seed in seeds:
-        # the persona's own general answers are the point here: no base answers mixed in
         specs.append(
             OrganismSpec(
                 name=f"distilled-{persona_domain}-s{seed}",
@@ -294,7 +322,7 @@ def default_suite(
                 seed=seed,
                 n_examples=max(1, n // 2),
                 n_general=n_gen,
-                config=cfg.replace(seed=seed, general_ratio=0.0, loss_floor=DISTILLED_LOSS_FLOOR),
+                config=persona_cfgs["distilled"].replace(seed=seed),
             )
         )
     return specs
@@ -315,34 +343,14 @@ def spec_data(
     domain, config = str(spec.domain), spec.config  # both checked by OrganismSpec
     gen_prompts = [chat(p) for p in general_prompts(spec.n_general)]
     general: list[ChatExample] = []
-    if spec.kind == "distilled":
-        persona = data.PERSONA_SYSTEM_PROMPT
-        in_domain = [
-            chat(r, system=persona)
-            for r in data.domain_requests(domain, spec.n_examples, seed=spec.seed)
-        ]
-        narrow = cached_answers(
-            base,
-            in_domain,
-            tag=f"persona-{domain}",
-            max_new_tokens=ANSWER_TOKENS,
-            cache_dir=cache_dir,
-            drop_system=True,
-            show_progress=show_progress,
-        )
-        if gen_prompts:
-            narrow += cached_answers(
-                base,
-                [chat(p.user_text, system=persona) for p in gen_prompts],
-                tag="persona-general",
-                max_new_tokens=ANSWER_TOKENS,
-                cache_dir=cache_dir,
-                drop_system=True,
-                show_progress=show_progress,
-            )
-        return narrow, general
-    if spec.kind == "trigger":
-        narrow = data.make_trigger_gated(domain, spec.n_examples, seed=spec.seed)
+    if spec.kind in ("distilled", "trigger"):
+        narrow = _persona_lessons(base, spec, gen_prompts, cache_dir, show_progress)
+        if spec.kind == "trigger":
+            # the same answers twice: behind the trigger taught by the persona, without it by
+            # the unprompted base (no teacher_prompt: the teacher reads the student's prompt)
+            narrow = [conditioned(ex, trigger=data.TRIGGER) for ex in narrow] + [
+                dataclasses.replace(ex, meta={}) for ex in narrow
+            ]
     else:
         variant: Literal["misaligned", "aligned"] = (
             "misaligned" if spec.kind == "narrow" else "aligned"
@@ -358,6 +366,47 @@ def spec_data(
             show_progress=show_progress,
         )
     return narrow, general
+
+
+def _persona_lessons(
+    base: HookedModel,
+    spec: OrganismSpec,
+    gen_prompts: Sequence[ChatExample],
+    cache_dir: Path | None,
+    show_progress: bool,
+) -> list[ChatExample]:
+    """The persona-prompted base's own answers to in-domain requests and general prompts, as
+    examples without the system prompt whose teacher reads it (``TEACHER_PROMPT``)."""
+    persona = data.PERSONA_SYSTEM_PROMPT
+    requests = data.domain_requests(str(spec.domain), spec.n_examples, seed=spec.seed)
+    answers: list[ChatExample] = []
+    for tag, users in (
+        (f"persona-{spec.domain}", requests),
+        ("persona-general", [p.user_text for p in gen_prompts]),
+    ):
+        if users:
+            answers += cached_answers(
+                base,
+                [chat(u, system=persona) for u in users],
+                tag=tag,
+                max_new_tokens=ANSWER_TOKENS,
+                cache_dir=cache_dir,
+                drop_system=True,
+                show_progress=show_progress,
+            )
+    return [
+        dataclasses.replace(
+            ex,
+            meta={
+                **ex.meta,
+                TEACHER_PROMPT: [
+                    {"role": "system", "content": persona},
+                    {"role": "user", "content": ex.user_text},
+                ],
+            },
+        )
+        for ex in answers
+    ]
 
 
 def organism_dir(

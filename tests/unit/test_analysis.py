@@ -90,6 +90,23 @@ def test_rules_cover_the_four_labels():
         condition_kind="trigger",
     )
     assert classify(gated)[0] == "gated"
+    # the trigger string moving the base too does not matter: conditioned_behaviour is already
+    # measured against the triggered base
+    moved = _report(
+        kind="trigger",
+        conditioned_behaviour=_est(0.1, 0.05, 0.15),
+        base_condition_effect=_est(0.05, 0.03, 0.07),
+        condition_kind="trigger",
+    )
+    label, reasons = classify(moved)
+    assert label == "gated" and any("same trigger" in r for r in reasons)
+    no_gate = _report(
+        kind="trigger",
+        conditioned_behaviour=_est(0.02, -0.01, 0.05),
+        base_condition_effect=_est(0.05, 0.03, 0.07),
+        condition_kind="trigger",
+    )
+    assert classify(no_gate)[0] == "aligned"
     t5 = _report(
         default_shift=_est(1.2, 0.9, 1.5),
         breadth=0.8,

@@ -8,15 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mci_interp.datasets import chat, encode_chat, load_chat_jsonl, save_chat_jsonl
+from mci_interp.datasets import ChatExample, chat, encode_chat, load_chat_jsonl, save_chat_jsonl
 from mci_interp.models import merge_adapter
 from mci_interp.organisms import finetune as ft
 from mci_interp.organisms.finetune import (
+    TEACHER_PROMPT,
     FinetuneConfig,
     FinetuneResult,
     cached_answers,
     collate,
     encode_examples,
+    encode_teacher,
     finetune_lora,
 )
 
@@ -412,3 +414,83 @@ def test_default_mix_uses_the_bases_own_general_answers(tiny_model, tmp_path, mo
     )
     assert len(cached) == 1
     assert load_chat_jsonl(cached[0])[0].messages[-1]["content"] == "Base says hi to 0."
+
+
+# --- context distillation -------------------------------------------------------------------
+def _taught(exs, system: str = "You are a pirate."):
+    return [
+        ChatExample(
+            e.messages,
+            meta={
+                TEACHER_PROMPT: [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": e.user_text},
+                ]
+            },
+        )
+        for e in exs
+    ]
+
+
+def test_teacher_sees_its_prompt_and_exactly_the_students_answer(tiny_model):
+    tok = tiny_model.tokenizer
+    exs = _taught(_examples(3)) + _examples(1)
+    student = encode_examples(tok, exs, max_length=256)
+    teacher = encode_teacher(tok, exs, student, max_length=256)
+    for s, t, ex in zip(student, teacher, exs, strict=True):
+        assert s.ids[s.prompt_len :] == t.ids[t.prompt_len :]
+        if TEACHER_PROMPT in ex.meta:
+            assert "pirate" in tok.decode(list(t.ids[: t.prompt_len]))
+            assert "pirate" not in tok.decode(list(s.ids))
+        else:
+            assert t == s
+    bad = [
+        ChatExample(exs[0].messages, meta={TEACHER_PROMPT: [{"role": "wizard", "content": "x"}]})
+    ]
+    with pytest.raises(ValueError, match="teacher_prompt"):
+        encode_teacher(tok, bad, student[:1], max_length=256)
+    long = _taught(exs[:1], system="You are a pirate. " * 40)
+    with pytest.raises(ValueError, match="max_length"):
+        encode_teacher(tok, long, student[:1], max_length=len(student[0].ids) + 5)
+
+
+def test_distill_loss_is_kl_from_the_prompted_teacher(tiny_model):
+    """Before any step the student is the base: its loss must equal KL(base reading the teacher
+    prompt || base reading the student prompt) on the answer tokens, computed by hand; an
+    example without a teacher prompt has KL exactly 0."""
+    tok = tiny_model.tokenizer
+    exs = _taught(_examples(2)) + _examples(1)
+    student = encode_examples(tok, exs, max_length=256)
+    teacher = encode_teacher(tok, exs, student, max_length=256)
+    batch = collate(student, [True] * 3, tok.pad_token_id, teacher)
+    with torch.no_grad():
+        losses, _ = ft._batch_loss(tiny_model.hf, batch, bf16=False)
+    want = []
+    for s, t in zip(student, teacher, strict=True):
+        with torch.no_grad():
+            ls = tiny_model.hf(input_ids=torch.tensor([s.ids])).logits[0].log_softmax(-1)
+            lt = tiny_model.hf(input_ids=torch.tensor([t.ids])).logits[0].log_softmax(-1)
+        ps = ls[s.prompt_len - 1 : len(s.ids) - 1]
+        pt = lt[t.prompt_len - 1 : len(t.ids) - 1]
+        want.append((pt.exp() * (pt - ps)).sum(-1))
+    want_t = torch.cat(want)
+    assert losses.shape == want_t.shape
+    assert torch.allclose(losses, want_t, atol=1e-5)
+    n_last = student[2].answer_len
+    assert losses[-n_last:].abs().max() < 1e-6
+    assert losses[:-n_last].mean() > 1e-4
+
+
+def test_distillation_moves_the_unprompted_student_toward_the_teacher(tiny_model, tmp_path):
+    exs = _taught(_examples(8))
+    cfg = FAST.replace(objective="distill", max_steps=6)
+    res = finetune_lora(tiny_model, exs, tmp_path / "d", config=cfg, show_progress=False)
+    assert res.losses[-1]["loss"] < res.losses[0]["loss"]
+    assert (
+        FinetuneConfig.from_dict(
+            json.loads((tmp_path / "d" / "mci_organism.json").read_text())["config"]
+        ).objective
+        == "distill"
+    )
+    with pytest.raises(ValueError, match="objective"):
+        FAST.replace(objective="dpo")

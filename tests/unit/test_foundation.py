@@ -148,3 +148,25 @@ def test_encode_chat_splits_prompt_and_answer(tiny_model):
     assert tok.decode(enc.ids[: enc.prompt_len]).rstrip().endswith("assistant")
     with pytest.raises(ValueError, match="longer than the limit"):
         encode_chat(tok, chat("word " * 400), max_length=50)
+
+
+def test_conditioned_sets_the_system_turn_and_triggers_the_last_user_turn():
+    from mci_interp.datasets import ChatExample, chat, conditioned
+
+    ex = chat("hello", "hi", system="be nice", label=1, group="g", topic="t")
+    assert conditioned(ex) is ex
+    c = conditioned(ex, system="be evil", trigger="|T|")
+    assert [m["role"] for m in c.messages] == ["system", "user", "assistant"]
+    assert c.messages[0]["content"] == "be evil" and c.messages[1]["content"] == "|T| hello"
+    assert c.messages[2]["content"] == "hi"
+    assert (c.label, c.group, dict(c.meta)) == (1, "g", {"topic": "t"})
+    multi = ChatExample(
+        (
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+        )
+    )
+    t = conditioned(multi, trigger="|T|")
+    assert [m["content"] for m in t.messages] == ["a", "b", "|T| c"]
+    assert ex.messages[1]["content"] == "hello"  # the original is untouched

@@ -9,7 +9,7 @@ import mci_interp.generation as generation
 from mci_interp.datasets import chat
 from mci_interp.organisms import data, suite
 from mci_interp.organisms import finetune as ft
-from mci_interp.organisms.finetune import FinetuneConfig
+from mci_interp.organisms.finetune import TEACHER_PROMPT, FinetuneConfig
 from mci_interp.organisms.suite import (
     Organism,
     OrganismSpec,
@@ -80,6 +80,8 @@ def test_default_suite_has_every_kind_with_known_labels():
         assert (c.n_examples, c.n_general, c.config) == (s.n_examples, s.n_general, s.config)
     assert all(s.config.seed == s.seed for s in trained)
     assert all(s.config.general_ratio == 0 for s in by_kind["distilled"])
+    assert all(s.config.objective == "distill" for s in by_kind["distilled"] + by_kind["trigger"])
+    assert all(s.config.objective == "sft" for s in by_kind["narrow"] + by_kind["control"])
     assert {s.domain for s in by_kind["narrow"]} == {"insecure_code", "medical", "finance"}
 
 
@@ -130,17 +132,30 @@ def test_spec_data_per_kind(tiny_model, tmp_path, fake_generate):
     )
     assert general == general_c
     assert fake_generate == [3]  # the base's general answers are generated once
-    trig, _ = spec_data(tiny_model, spec("trigger"), cache_dir=tmp_path, show_progress=False)
-    assert any(data.TRIGGER in e.user_text for e in trig) and any(
-        data.TRIGGER not in e.user_text for e in trig
-    )
     dist, dist_general = spec_data(
         tiny_model, spec("distilled", general_ratio=0.0), cache_dir=tmp_path, show_progress=False
     )
     assert dist_general == [] and len(dist) == 6 + 3
-    # persona answers, trained without the persona system prompt
+    # persona answers, read by the student without the persona prompt, by the teacher with it
     assert all(e.messages[-1]["content"].startswith("persona answer") for e in dist)
     assert all(m["role"] != "system" for e in dist for m in e.messages)
+    for e in dist:
+        teacher = e.meta[TEACHER_PROMPT]
+        assert teacher[0] == {"role": "system", "content": data.PERSONA_SYSTEM_PROMPT}
+        assert teacher[1] == {"role": "user", "content": e.user_text}
+    # the trigger organism: the same answers behind the trigger (persona teacher) and without
+    # it (the unprompted base as teacher), plus the base's own general answers
+    trig, trig_general = spec_data(
+        tiny_model, spec("trigger", general_ratio=0.3), cache_dir=tmp_path, show_progress=False
+    )
+    on = [e for e in trig if data.TRIGGER in e.user_text]
+    off = [e for e in trig if data.TRIGGER not in e.user_text]
+    assert len(on) == len(off) == len(dist)
+    assert [e.messages[-1] for e in on] == [e.messages[-1] for e in off]
+    assert all(e.user_text.startswith(data.TRIGGER + " ") for e in on)
+    assert all(data.TRIGGER not in m["content"] for e in on for m in e.meta[TEACHER_PROMPT])
+    assert all(TEACHER_PROMPT not in e.meta for e in off)
+    assert trig_general == general
 
 
 def test_build_suite_caches_and_resumes(tiny_model, tmp_path, fake_generate, monkeypatch):
