@@ -69,15 +69,26 @@ def summary_lines(study: Study) -> list[str]:
             )
         if c.transfer is not None:
             tm = c.transfer
-            off = [
-                float(tm.share[i, j])
+            # only organisms with out-of-domain misalignment above their control can lose some
+            targets = [
+                j
+                for j, o in enumerate(tm.organisms)
+                if (e := c.misalignment.get(o.split(":")[0])) is not None and e.lo > 0
+            ]
+            cells = [
+                f"{tm.directions[i]} in {tm.directions[j]} {float(tm.share[i, j]):+.0%}"
+                f" (random max {float(tm.random_share[:, j].max()):+.0%})"
+                for j in targets
                 for i in range(len(tm.directions))
-                for j in range(len(tm.organisms))
                 if i != j
             ]
             out.append(
-                f"  transfer (cross-domain ablation) mean share removed {sum(off) / max(1, len(off)):+.0%};"
-                f" random max {float(tm.random_share.nan_to_num(0).max()):+.0%}"
+                "  transfer (cross-domain ablation, share of misalignment removed): "
+                + (
+                    "; ".join(cells)
+                    if cells
+                    else "untestable, no organism has misalignment to remove"
+                )
             )
     rows, cols, conf = confusion(study)
     correct = sum(conf[(r, r)] for r in rows)

@@ -299,32 +299,24 @@ def default_suite(
                         config=cfg.replace(seed=seed),
                     )
                 )
-    for seed in seeds:
-        specs.append(
-            OrganismSpec(
-                name=f"trigger-{persona_domain}-s{seed}",
-                kind="trigger",
-                expected="gated",
-                domain=persona_domain,
-                seed=seed,
-                n_examples=max(1, n // 2),
-                n_general=n_gen,
-                config=persona_cfgs["trigger"].replace(seed=seed),
+    persona_kinds: tuple[tuple[Kind, Expected], ...] = (
+        ("trigger", "gated"),
+        ("distilled", "internalised"),
+    )
+    for kind, expected in persona_kinds:
+        for seed in seeds:
+            specs.append(
+                OrganismSpec(
+                    name=f"{kind}-{persona_domain}-s{seed}",
+                    kind=kind,
+                    expected=expected,
+                    domain=persona_domain,
+                    seed=seed,
+                    n_examples=max(1, n // 2),
+                    n_general=n_gen,
+                    config=persona_cfgs[kind].replace(seed=seed),
+                )
             )
-        )
-    for seed in seeds:
-        specs.append(
-            OrganismSpec(
-                name=f"distilled-{persona_domain}-s{seed}",
-                kind="distilled",
-                expected="internalised",
-                domain=persona_domain,
-                seed=seed,
-                n_examples=max(1, n // 2),
-                n_general=n_gen,
-                config=persona_cfgs["distilled"].replace(seed=seed),
-            )
-        )
     return specs
 
 

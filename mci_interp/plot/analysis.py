@@ -140,7 +140,11 @@ def plot_cosine_heatmaps(conv: ConvergenceReport) -> Figure:
 def plot_transfer(tm: TransferMatrix) -> Figure:
     """Share of each organism's misalignment removed by ablating each domain's direction."""
     k = len(tm.directions)
-    mat = np.vstack([tm.share.numpy(), np.nanmax(tm.random_share.numpy(), axis=0, keepdims=True)])
+    rnd = tm.random_share.numpy()
+    rmax = np.full((1, rnd.shape[1]), np.nan)
+    seen = ~np.isnan(rnd).all(axis=0)
+    rmax[0, seen] = np.nanmax(rnd[:, seen], axis=0)
+    mat = np.vstack([tm.share.numpy(), rmax])
     fig, ax = plt.subplots(figsize=(1.6 * k + 3, 1.2 * k + 2), constrained_layout=True)
     im = ax.imshow(np.clip(mat, -1.5, 1.5), vmin=-1.5, vmax=1.5, cmap="PuOr")
     ax.set_xticks(
