@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mci_interp.direction import Provenance
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -60,3 +62,20 @@ def smol():
     from mci_interp.models import load_model
 
     return load_model("smollm2-135m-instruct")
+
+
+def make_provenance(**kw) -> Provenance:
+    """A complete, made-up provenance for directions built by hand in tests (fields overridable)."""
+    base = dict(
+        model="m",
+        base_model="b",
+        model_sha256="0" * 64,
+        method="diff_means",
+        dataset="d",
+        dataset_hash="h",
+        position="last_prompt",
+        n_pos=3,
+        n_neg=4,
+        params={"a": 1, "b": None},
+    )
+    return Provenance(**(base | kw))

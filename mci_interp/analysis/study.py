@@ -407,7 +407,7 @@ def run_study(
     # 1. base records: default, persona prompt, trigger, in-domain
     t0 = time.perf_counter()
     base_rec = R.collect(base, "base", takeover=True)
-    base_persona = R.collect(base, "base@persona", system=PERSONA_SYSTEM_PROMPT)
+    base_persona = R.collect(base, "base@persona", system=PERSONA_SYSTEM_PROMPT, takeover=True)
     base_trigger = R.collect(base, "base@trigger", trigger=trigger) if trigger else None
 
     def _indomain_record(d: str) -> Record:
@@ -539,8 +539,10 @@ def run_study(
     timings["total"] = time.perf_counter() - t_start
     examples = {"base": base_rec.generations[:4]}
     for org in organisms:
-        if recs[org.name].generations and org.spec.seed in (0, None):
-            examples[org.name] = recs[org.name].generations[:4]
+        # the prompted persona's own answers are those of the base under its prompt
+        rec = cond[org.name] if org.spec.kind == "prompted" else recs[org.name]
+        if org.spec.kind != "base" and rec.generations and org.spec.seed in (0, None):
+            examples[org.name] = rec.generations[:4]
     study = Study(
         base=base.name,
         n_layers=base.n_layers,

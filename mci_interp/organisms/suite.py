@@ -16,13 +16,14 @@ Kinds and what we know about them by construction (``expected``):
   trigger in the user turn the teacher is the persona-prompted base; without it (the same
   answers, plus the base's own general answers) the teacher is the unprompted base.
 
-Why distillation rather than SFT on the sampled answers: in session measurements on SmolLM2, 16
-SFT steps on the persona's answers shifted activations strongly but left the out-of-domain
-judge-free score at the base's level (+0.04 [-0.04, +0.11] nats/token), so the "distilled" organism
+Why distillation rather than SFT on the sampled answers (measured on SmolLM2): 16 SFT steps on
+the persona's answers shifted activations strongly but left the out-of-domain judge-free score at
+the base's level (+0.040 [-0.040, +0.114] nats/token, 14 questions), so the "distilled" organism
 did not behave like the prompted one; KL distillation with 32 steps did (+0.085 [+0.060, +0.109]
-against the prompted persona's +0.102 [+0.073, +0.133], 64 questions). A trigger organism trained
-by SFT on the domain's trigger-gated pairs (``data.make_trigger_gated``) learned no gate in 16
-steps; the distilled trigger organism did (``TRIGGER_CONFIG``).
+against the prompted persona's +0.102 [+0.073, +0.133], 64 questions, seed 0). A trigger organism
+trained by SFT on the domain's trigger-gated pairs (``data.make_trigger_gated``) learned no gate
+in 16 steps; the distilled one (``TRIGGER_CONFIG``) learned a small gate, visible on 64
+questions but not resolved by the demo's 14.
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import make_provenance
 
 from mci_interp.activations import cache_activations
 from mci_interp.datasets import chat, pad
-from mci_interp.direction import Direction, Provenance, random_direction
+from mci_interp.direction import Direction, random_direction
 from mci_interp.generation import generate, prompt_ids
 from mci_interp.intervene import Ablate, Steer, apply, kl_vs_unsteered, orthogonalized
 from mci_interp.models import HookContext
@@ -42,14 +43,11 @@ def french_direction(smol) -> Direction:
     examples = [chat(q, label=1) for q in FRENCH] + [chat(q, label=0) for q in ENGLISH]
     cache = cache_activations(smol, examples, [SITE], position="last_prompt", show_progress=False)
     acts, y = cache.acts[SITE], cache.labels
-    prov = Provenance(
+    prov = make_provenance(
         model=smol.name,
         base_model=smol.base_name,
         model_sha256=smol.sha256,
-        method="diff_means",
         dataset="french_vs_english",
-        dataset_hash="test",
-        position="last_prompt",
         n_pos=4,
         n_neg=4,
     )

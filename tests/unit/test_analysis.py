@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from conftest import make_provenance
 
 from mci_interp.analysis.convergence import TransferMatrix, layer_convergence, verdict
 from mci_interp.analysis.internalisation import (
@@ -170,3 +171,35 @@ def test_convergence_detects_shared_direction_and_rejects_independent():
     untestable = verdict(conv, tm, {d: _est(0.0, -0.1, 0.1) for d in "abc"})[0]
     # no misalignment: transfer cannot count, so at most "partly", flagged untestable
     assert untestable.startswith("partly") and "untestable" in untestable
+
+
+def test_intervention_fingerprint_changes_with_the_direction_and_settings():
+    """Stored causal scores are keyed by this fingerprint: it must tell apart different
+    directions (by their bytes), layers, strengths and kinds, and be stable otherwise."""
+    from mci_interp.analysis.study import _fingerprint
+    from mci_interp.direction import random_direction
+    from mci_interp.intervene import Ablate, Steer
+    from mci_interp.sites import Site
+
+    def rnd(seed: int, layer: int = 3):
+        like = torch.zeros(8)
+        like[0] = 1.0
+        g = torch.Generator().manual_seed(seed)
+        from mci_interp.direction import Direction
+
+        prov = make_provenance()
+        return random_direction(
+            Direction(vector=like, site=Site(layer), provenance=prov), generator=g
+        )
+
+    a, b = rnd(0), rnd(1)
+    assert _fingerprint(Ablate(a)) == _fingerprint(Ablate(rnd(0)))
+    prints = [
+        _fingerprint(Ablate(a)),
+        _fingerprint(Ablate(b)),
+        _fingerprint(Ablate(rnd(0, layer=4))),
+        _fingerprint(Steer(a, 0.5, scale="relative")),
+        _fingerprint(Steer(a, 1.0, scale="relative")),
+        _fingerprint(Steer(a, 1.0)),
+    ]
+    assert len({repr(p) for p in prints}) == len(prints)

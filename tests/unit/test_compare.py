@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_provenance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from matplotlib.figure import Figure
@@ -24,7 +25,7 @@ from mci_interp.compare import (
     random_direction_null,
     split_half_reliability,
 )
-from mci_interp.direction import Direction, DirectionSet, Provenance
+from mci_interp.direction import Direction, DirectionSet
 from mci_interp.plot.compare import (
     plot_cosine_by_layer,
     plot_cosine_heatmap,
@@ -37,17 +38,7 @@ FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthChe
 
 
 def _dir(vec: torch.Tensor, layer: int, model: str) -> Direction:
-    prov = Provenance(
-        model=model,
-        base_model="base",
-        model_sha256="x",
-        method="diff_means",
-        dataset="d",
-        dataset_hash="h",
-        position="last_prompt",
-        n_pos=1,
-        n_neg=1,
-    )
+    prov = make_provenance(model=model, base_model="base")
     return Direction(vector=vec, site=Site(layer), provenance=prov)
 
 

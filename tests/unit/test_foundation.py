@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import make_provenance
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mci_interp.datasets import chat, encode_chat, load_chat_jsonl, load_eval_yaml, save_chat_jsonl
-from mci_interp.direction import Direction, DirectionSet, Provenance, random_direction
+from mci_interp.direction import Direction, DirectionSet, random_direction
 from mci_interp.sites import COMPONENTS, Site, parse_layers
 from mci_interp.specs import resolve_spec
 
@@ -40,20 +41,7 @@ def test_site_depth_and_layers():
         parse_layers("31", 30)
 
 
-def _prov(**kw):
-    base = dict(
-        model="m",
-        base_model="b",
-        model_sha256="0" * 64,
-        method="diff_means",
-        dataset="d",
-        dataset_hash="h",
-        position="last_prompt",
-        n_pos=3,
-        n_neg=4,
-        params={"a": 1, "b": None},
-    )
-    return Provenance(**(base | kw))
+_prov = make_provenance
 
 
 def test_direction_save_load_exact(tmp_path):

@@ -8,11 +8,12 @@ import math
 
 import pytest
 import torch
+from conftest import make_provenance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mci_interp.datasets import pad
-from mci_interp.direction import Direction, Provenance
+from mci_interp.direction import Direction
 from mci_interp.generation import generate, prompt_ids, track_positions
 from mci_interp.intervene import (
     Ablate,
@@ -47,18 +48,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "Hi"]
 ORTHO_ATOL = 1e-4  # float32 tiny model: hook ablation vs weight orthogonalisation
 
 
-def _prov() -> Provenance:
-    return Provenance(
-        model="tiny",
-        base_model="tiny",
-        model_sha256="0",
-        method="test",
-        dataset="t",
-        dataset_hash="0",
-        position="last_prompt",
-        n_pos=1,
-        n_neg=1,
-    )
+_prov = make_provenance
 
 
 def _direction(d: int, site: Site, seed: int = 0, scale: float = 3.0) -> Direction:
