@@ -69,18 +69,12 @@ def summary_lines(study: Study) -> list[str]:
             )
         if c.transfer is not None:
             tm = c.transfer
-            # only organisms with out-of-domain misalignment above their control can lose some
-            targets = [
-                j
-                for j, o in enumerate(tm.organisms)
-                if (e := c.misalignment.get(o.split(":")[0])) is not None and e.lo > 0
-            ]
             cells = [
-                f"{tm.directions[i]} in {tm.directions[j]} {float(tm.share[i, j]):+.0%}"
+                f"{d} in {tm.domain_of(j)} {float(tm.share[i, j]):+.0%}"
                 f" (random max {float(tm.random_share[:, j].max()):+.0%})"
-                for j in targets
-                for i in range(len(tm.directions))
-                if i != j
+                for j in tm.testable(c.misalignment)
+                for i, d in enumerate(tm.directions)
+                if d != tm.domain_of(j)
             ]
             out.append(
                 "  transfer (cross-domain ablation, share of misalignment removed): "

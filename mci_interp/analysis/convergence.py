@@ -12,9 +12,9 @@ Verdict rules (``verdict``):
   ablating each domain's direction in every other domain's organism removes more misalignment
   than every norm-matched random direction and at least ``min_transfer`` of it;
 - **partly**: at least one pair beats the nulls, or at least one transfer beats random;
-Transfer into an organism whose misalignment CI does not exclude zero is not counted (the share
-removed of a near-zero gap is meaningless).
 - **not converged**: neither.
+Transfer into an organism whose misalignment CI does not exclude zero is not counted (the share
+removed of a near-zero gap is meaningless; ``TransferMatrix.testable``).
 A verdict is flagged *untestable* when no domain shows out-of-domain misalignment (organism minus
 control CI above zero): then the directions compared carry no misalignment to converge on.
 """
@@ -215,6 +215,19 @@ class TransferMatrix:
     def beats_random(self, i: int, j: int) -> bool:
         return bool(self.share[i, j] > self.random_share[:, j].max())
 
+    def domain_of(self, j: int) -> str:
+        """The domain of organism column ``j`` (columns are named ``domain:organism``)."""
+        return self.organisms[j].split(":")[0]
+
+    def testable(self, misalignment: Mapping[str, Estimate]) -> list[int]:
+        """Organism columns with misalignment to remove: their domain's organism-minus-control
+        CI lies above zero. Transfer into any other column is not evidence either way."""
+        return [
+            j
+            for j in range(len(self.organisms))
+            if (e := misalignment.get(self.domain_of(j))) is not None and e.lo > 0
+        ]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "directions": list(self.directions),
@@ -301,15 +314,16 @@ def verdict(
     strong = [p for p in beat if p.cos >= min_cos]
     n_transfer, good_transfer, any_transfer = 0, 0, 0
     if transfer is not None:
+        testable = transfer.testable(misalignment)
+        for j, o in enumerate(transfer.organisms):
+            if j not in testable:
+                reasons.append(
+                    f"transfer into {o} not counted: no out-of-domain misalignment to remove "
+                    f"({misalignment.get(transfer.domain_of(j))})"
+                )
         for i, d in enumerate(transfer.directions):
             for j, o in enumerate(transfer.organisms):
-                if o.split(":")[0] == d:
-                    continue
-                gap = misalignment.get(o.split(":")[0])
-                if gap is None or gap.lo <= 0:
-                    reasons.append(
-                        f"transfer into {o} not counted: no out-of-domain misalignment to remove ({gap})"
-                    )
+                if transfer.domain_of(j) == d or j not in testable:
                     continue
                 n_transfer += 1
                 ok = transfer.beats_random(i, j)

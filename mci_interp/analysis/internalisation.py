@@ -225,11 +225,11 @@ def classify(r: InternalisationReport, rules: Rules | None = None) -> tuple[str,
     cond = r.conditioned_behaviour
     if cond is not None and cond.lo > 0:
         base_eff = r.base_condition_effect
-        reasons.append(f"misalignment under its {r.condition_kind}: {cond}")
         if r.condition_kind == "trigger":
-            reasons[-1] = f"under its trigger, minus the base under the same trigger: {cond}"
+            reasons.append(f"under its trigger, minus the base under the same trigger: {cond}")
             reasons.append(f"the trigger alone moves the base by {base_eff}: the gate is learned")
             return "gated", tuple(reasons)
+        reasons.append(f"misalignment under its {r.condition_kind}: {cond}")
         if base_eff is not None:
             reasons.append(f"the same condition on the base: {base_eff}")
         return "fluency", tuple(reasons)

@@ -267,8 +267,10 @@ def default_suite(
     if persona_domain not in data.DOMAINS:
         raise ValueError(f"unknown persona_domain {persona_domain!r}; choose from {data.DOMAINS}")
     cfg = config or (FAST_CONFIG if fast else SUITE_CONFIG)
+    # the default suite uses the tuned persona configs; fast or overridden suites keep their own
+    # sizes and only switch the objective
     persona_cfgs = {
-        kind: (cfg if config else FAST_CONFIG).replace(
+        kind: cfg.replace(
             objective="distill", general_ratio=pc.general_ratio, loss_floor=None, max_length=256
         )
         if (fast or config)
