@@ -133,9 +133,23 @@ def _study_config(args):
 def _suite(args):
     from mci_interp.organisms.suite import default_suite
 
-    seeds = tuple(int(s) for s in str(args.seeds).split(","))
+    seeds = _int_list(args.seeds, "--seeds")
+    persona = (
+        None if args.persona_seeds is None else _int_list(args.persona_seeds, "--persona-seeds")
+    )
     domains = tuple(d.strip() for d in args.domains.split(","))
-    return default_suite(seeds=seeds, domains=domains, fast=args.fast)
+    return default_suite(seeds=seeds, domains=domains, fast=args.fast, persona_seeds=persona)
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    """'0,1,2' -> (0, 1, 2); 'none' or '' -> ()."""
+    text = str(text).strip()
+    if text.lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers or 'none', got {text!r}") from None
 
 
 def cmd_organisms(args) -> int:
@@ -359,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_args(sp)
         sp.add_argument("--domains", default="insecure_code,medical,finance")
         sp.add_argument("--seeds", default="0,1,2")
+        sp.add_argument(
+            "--persona-seeds",
+            default=None,
+            help="seeds of the trained personas (trigger, distilled): default --seeds; 'none' "
+            "leaves them out",
+        )
         sp.add_argument(
             "--fast", action="store_true", help="tiny settings (CI, notebooks): minutes, not tens"
         )

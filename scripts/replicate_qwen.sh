@@ -3,11 +3,14 @@
 # with the toolkit's own commands (issue: "Replicate the published results on the larger model").
 # Same design as the SmolLM2 demo: matched controls, 3 seeds, general chat mixed into every
 # finetune, the organism-minus-control contrast as the direction, few-layer transfer ablation
-# with norm-matched random controls. Not yet run end to end: budget ~2 h on 2 CPU cores
-# (Qwen is ~3x slower per token than SmolLM2; the SmolLM2 demo's timings are in the README).
+# with norm-matched random controls. Sized for ~2 h on 2 CPU cores: Qwen trains at ~50 tokens/s
+# (a narrow finetune takes ~2 min, 18 of them), and scoring is ~3.5x slower than on SmolLM2, so
+# the trained personas (trigger, distilled: 2-5x a narrow finetune each) are left out; the
+# prompted persona (no training) stays as the known-fluency check. Add --persona-seeds 0 to
+# include them for seed 0 (~+25 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MCI_WITH_QWEN=1 bash scripts/install.sh
 .venv/bin/mci demo --model qwen2.5-coder-0.5b-instruct \
-  --domains insecure_code,medical,finance --seeds 0,1,2 --n-questions 28 \
+  --domains insecure_code,medical,finance --seeds 0,1,2 --persona-seeds none --n-questions 14 \
   --name qwen2.5-coder-0.5b-replication "$@"

@@ -246,6 +246,7 @@ def default_suite(
     n_examples: int | None = None,
     n_general: int | None = None,
     persona_domain: str | None = None,
+    persona_seeds: Sequence[int] | None = None,
 ) -> list[OrganismSpec]:
     """The standard organisms: the base, the prompted persona and, for each seed, per domain a
     narrow misaligned finetune and its matched aligned control, a trigger-gated organism and a
@@ -253,6 +254,8 @@ def default_suite(
 
     ``fast`` shrinks everything for CI and notebooks (seed 0 only unless ``seeds`` is given, 3
     steps on 8 examples); ``config`` / ``n_examples`` / ``n_general`` override the sizes.
+    ``persona_seeds`` (default: ``seeds``) picks the seeds of the trained personas; ``()`` leaves
+    them out (they cost 2-5x a narrow finetune).
     """
     seeds = tuple(seeds) if seeds is not None else ((0,) if fast else (0, 1, 2))
     if not seeds or len(set(seeds)) != len(seeds):
@@ -263,6 +266,9 @@ def default_suite(
     for d in domains:
         if d not in data.DOMAINS:
             raise ValueError(f"unknown domain {d!r}; choose from {data.DOMAINS}")
+    persona_seeds = seeds if persona_seeds is None else tuple(persona_seeds)
+    if len(set(persona_seeds)) != len(persona_seeds):
+        raise ValueError(f"persona_seeds must be distinct, got {persona_seeds!r}")
     persona_domain = persona_domain or domains[0]
     if persona_domain not in data.DOMAINS:
         raise ValueError(f"unknown persona_domain {persona_domain!r}; choose from {data.DOMAINS}")
@@ -307,7 +313,7 @@ def default_suite(
         ("distilled", "internalised"),
     )
     for kind, expected in persona_kinds:
-        for seed in seeds:
+        for seed in persona_seeds:
             specs.append(
                 OrganismSpec(
                     name=f"{kind}-{persona_domain}-s{seed}",
