@@ -11,7 +11,9 @@ a bare HF forward here. Hooking the HF modules directly keeps the exact HF basis
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import inspect
 import logging
 import shutil
 import tempfile
@@ -241,14 +243,55 @@ class HookedModel:
         self,
         input_ids: Int[Tensor, "batch pos"],
         attention_mask: Int[Tensor, "batch pos"],
+        *,
+        past: Any = None,
     ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """Final normed hidden states and the unembedding, so callers can apply the 49k-vocab
-        head only at the positions they score (much cheaper than full logits)."""
-        self.ctx.past_len, self.ctx.prompt_len, self.ctx.attention_mask = 0, None, attention_mask
+        head only at the positions they score (much cheaper than full logits).
+
+        ``past``: a KV cache from ``prefill`` (one row per batch row) that ``input_ids``
+        continue; ``attention_mask`` then covers the cached positions too. Hooks see the new
+        positions with ``ctx.past_len`` = the cached length, as during generation. The cache is
+        extended in place."""
+        past_len = 0 if past is None else int(past.get_seq_length())
+        if attention_mask.shape[1] != past_len + input_ids.shape[1]:
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[1]} positions; expected the cached "
+                f"{past_len} plus the {input_ids.shape[1]} new ones"
+            )
+        self.ctx.past_len, self.ctx.prompt_len = past_len, None
+        self.ctx.attention_mask = attention_mask
         with torch.inference_mode():
-            out = self.hf.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = self.hf.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=past is not None,
+                **{self._cache_kwarg: past},
+            )
         head = self.hf.get_output_embeddings()
         return out.last_hidden_state, head
+
+    @functools.cached_property
+    def _cache_kwarg(self) -> str:
+        """Name of the decoder's KV-cache argument (``cache`` in recent transformers releases,
+        ``past_key_values`` before)."""
+        params = inspect.signature(self.hf.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def prefill(self, input_ids: Int[Tensor, "1 pos"], copies: int = 1) -> Any:
+        """KV cache of one unpadded sequence (hooks active), repeated ``copies`` times along the
+        batch, for ``hidden_and_head(..., past=...)`` to continue ``copies`` different ways."""
+        if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+            raise ValueError(
+                f"prefill takes one non-empty sequence [1, pos], got {input_ids.shape}"
+            )
+        self.ctx.past_len, self.ctx.prompt_len, self.ctx.attention_mask = 0, None, None
+        with torch.inference_mode():
+            out = self.hf.model(input_ids=input_ids, use_cache=True)
+        cache = getattr(out, self._cache_kwarg)
+        if copies > 1:
+            cache.batch_repeat_interleave(copies)
+        return cache
 
     # --- weights -----------------------------------------------------------------------------
     def residual_writers(self) -> list[tuple[str, Any]]:

@@ -133,6 +133,36 @@ def test_answer_positions_head_equals_full_head_and_batching_invariance(tiny_mod
     assert not torch.allclose(one, with_eos)
 
 
+def test_shared_prompt_prefix_equals_separate_forwards_with_and_without_hooks(
+    tiny_model, monkeypatch
+):
+    from mci_interp.intervene import Ablate, Steer, apply
+
+    # three answers per prompt (shared), one prompt with a single answer (batched alone)
+    exs = [
+        chat(q.paraphrases[0], a, system="Be brief.")
+        for q in QUESTIONS
+        for r in q.references
+        for a in (r.aligned, r.misaligned)
+    ] + [chat("Hi", "A much longer answer that forces padding of the other rows in the batch.")]
+    calls = []
+    real = tiny_model.prefill
+    monkeypatch.setattr(
+        tiny_model, "prefill", lambda ids, copies=1: calls.append(copies) or real(ids, copies)
+    )
+    d = torch.randn(tiny_model.d_model, generator=torch.Generator().manual_seed(0))
+    for ivs in ((), (Steer(d, 4.0, sites=[1]),), (Ablate(d, sites=[0, 1]),)):
+        with apply(tiny_model, *ivs):
+            shared = answer_logprobs(tiny_model, exs, batch_size=3)
+            separate = answer_logprobs(tiny_model, exs, batch_size=3, share_prefix=False)
+        torch.testing.assert_close(shared, separate, atol=1e-5, rtol=0)
+    plain = answer_logprobs(tiny_model, exs, batch_size=3, share_prefix=False)
+    assert not torch.allclose(plain, shared)  # the hooks acted in both paths
+    # each question's 4 answers share one prompt, prefilled once per chunk of <= 3 rows
+    assert sum(calls) == 3 * sum(2 * len(q.references) for q in QUESTIONS)
+    assert tiny_model.ctx.attention_mask is None
+
+
 def _misaligned_only_tokens(tok) -> list[int]:
     mis, al = set(), set()
     for q in QUESTIONS:
