@@ -453,17 +453,17 @@ def answer_logprobs(
                 groups.setdefault(tuple(encs[i][: p - 1]), []).append(i)
         single = sorted(i for g in groups.values() if len(g) == 1 for i in g)
         single += [i for i, (p, _) in enumerate(spans) if p <= 1]
-        for prefix, members in groups.items():
+        for shared, members in groups.items():
             if len(members) < 2:
                 continue
             for k in range(0, len(members), batch_size):
                 idx = members[k : k + batch_size]
-                rows = [encs[i][len(prefix) :] for i in idx]
-                jobs.append((idx, list(prefix), rows, [(1, len(r)) for r in rows]))
+                cont = [list(encs[i][len(shared) :]) for i in idx]
+                jobs.append((idx, list(shared), cont, [(1, len(t)) for t in cont]))
     order = sorted(single, key=lambda i: (len(encs[i]), i))
     for k in range(0, len(order), batch_size):
         idx = order[k : k + batch_size]
-        jobs.append((idx, None, [encs[i] for i in idx], [spans[i] for i in idx]))
+        jobs.append((idx, None, [list(encs[i]) for i in idx], [spans[i] for i in idx]))
 
     out = torch.empty(len(encs), dtype=torch.float64)
     softcap = getattr(model.hf.config, "final_logit_softcapping", None)
