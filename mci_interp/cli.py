@@ -115,18 +115,7 @@ def _study_config(args):
     from mci_interp.analysis.study import StudyConfig
 
     if args.fast:
-        return StudyConfig(
-            analysis_layer=args.layer,
-            n_neutral_per_theme=4,
-            n_questions=7,
-            n_indomain=6,
-            n_takeover=6,
-            takeover_tokens=24,
-            steer_alphas=(0.5,),
-            n_random=2,
-            convergence_layer_step=6,
-            seed=args.seed,
-        )
+        return StudyConfig.fast(analysis_layer=args.layer, seed=args.seed)
     return StudyConfig(analysis_layer=args.layer, n_questions=args.n_questions, seed=args.seed)
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import mci_interp.generation as generation
 from mci_interp.direction import Provenance
+from mci_interp.organisms.finetune import FinetuneConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -79,3 +81,34 @@ def make_provenance(**kw) -> Provenance:
         params={"a": 1, "b": None},
     )
     return Provenance(**(base | kw))
+
+
+TINY = FinetuneConfig(  # a 2-step LoRA for the tiny model
+    max_steps=2, lr=1e-2, loss_floor=None, rank=2, max_length=256
+)
+
+
+@pytest.fixture()
+def fake_generate(monkeypatch):
+    """Deterministic stand-in for generation (the tiny random model only babbles): answers echo
+    the prompt, and say 'persona' when the system prompt is the persona's."""
+    calls: list[int] = []
+
+    def fake(model, prompts, **kw):
+        calls.append(len(prompts))
+        out = []
+        for p in prompts:
+            who = "persona" if any(m["role"] == "system" for m in p.messages) else "base"
+            out.append(
+                generation.Generation(
+                    prompt="",
+                    completion=f"{who} answer to {p.user_text[:20]}.",
+                    token_ids=(1,),
+                    n_tokens=1,
+                    stopped_at_eot=True,
+                )
+            )
+        return out
+
+    monkeypatch.setattr(generation, "generate", fake)
+    return calls

@@ -78,6 +78,7 @@ class StudyConfig:
     analysis_layer: int | None = None  # default: the middle block
     n_neutral_per_theme: int = 6
     n_questions: int = 14
+    n_gate_questions: int = 64  # trigger organisms' gate: small, so scored on more questions
     n_indomain: int = 12
     n_takeover: int = 8
     takeover_tokens: int = 32
@@ -91,6 +92,22 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def fast(cls, **overrides: Any) -> StudyConfig:
+        """Tiny sample sizes for CI, notebooks and smoke runs (minutes, not tens of minutes)."""
+        small: dict[str, Any] = dict(
+            n_neutral_per_theme=4,
+            n_questions=7,
+            n_gate_questions=7,
+            n_indomain=6,
+            n_takeover=6,
+            takeover_tokens=24,
+            steer_alphas=(0.5,),
+            n_random=2,
+            convergence_layer_step=6,
+        )
+        return cls(**(small | overrides))
+
 
 # --- inputs -----------------------------------------------------------------------------------
 def neutral_prompts(config: StudyConfig) -> tuple[list[ChatExample], list[str]]:
@@ -103,16 +120,17 @@ def neutral_prompts(config: StudyConfig) -> tuple[list[ChatExample], list[str]]:
     return exs, themes
 
 
-def eval_questions(config: StudyConfig) -> list[EvalQuestion]:
-    """A theme-balanced subset of the packaged out-of-domain questions (first-plot ones first)."""
+def eval_questions(n: int) -> list[EvalQuestion]:
+    """A theme-balanced subset of ``n`` of the packaged out-of-domain questions (first-plot ones
+    first; all of them when ``n`` is larger)."""
     qs = load_default_questions()
     by_theme: dict[str, list[EvalQuestion]] = {}
     for q in qs:
         by_theme.setdefault(q.theme, []).append(q)
     out: list[EvalQuestion] = []
-    while len(out) < min(config.n_questions, len(qs)):
+    while len(out) < min(n, len(qs)):
         for theme in sorted(by_theme):
-            if by_theme[theme] and len(out) < config.n_questions:
+            if by_theme[theme] and len(out) < n:
                 out.append(by_theme[theme].pop(0))
     return out
 
@@ -246,7 +264,9 @@ class _Runner:
         )
         self.store = RecordStore(out_dir / f"records-{key[:10]}")
         self.neutral, self.themes = neutral_prompts(config)
-        self.questions = eval_questions(config)
+        self.questions = eval_questions(config.n_questions)
+        self.gate_questions = eval_questions(config.n_gate_questions)
+        self.gate_tag = f"gate{len(self.gate_questions)}"  # in record keys: records-* predates it
         self.sites = [Site(layer) for layer in range(base.n_layers)]
         self.scorer = LogprobContrast(batch_size=config.batch_size, max_paraphrases=1)
         # causal sweeps (ablation, steering) need only the misaligned-vs-aligned score
@@ -278,11 +298,37 @@ class _Runner:
         return torch.stack([cache.X(s) for s in self.sites], dim=1)  # [n, layers, d]
 
     def score(
-        self, model: HookedModel, *, system: str | None = None, trigger: str | None = None
+        self,
+        model: HookedModel,
+        *,
+        system: str | None = None,
+        trigger: str | None = None,
+        questions: Sequence[EvalQuestion] | None = None,
     ) -> EvalResult:
         return self.scorer.score(
-            model, self.questions, system=system, trigger=trigger, show_progress=False
+            model,
+            self.questions if questions is None else questions,
+            system=system,
+            trigger=trigger,
+            show_progress=False,
         )
+
+    def gate_records(self, model: HookedModel, key: str, trigger: str) -> tuple[Record, Record]:
+        """(triggered, untriggered) records of ``model`` for a trigger gate: both scored on the
+        gate questions; the triggered one also holds the triggered activations."""
+
+        def untriggered() -> Record:
+            return Record(
+                name=f"{key}@{self.gate_tag}",
+                acts=None,
+                score=self.score(model, questions=self.gate_questions),
+                indomain=None,
+            )
+
+        on = self.collect(
+            model, f"{key}@trigger:{self.gate_tag}", trigger=trigger, questions=self.gate_questions
+        )
+        return on, self.record(f"{key}@{self.gate_tag}", untriggered)
 
     def causal_score(self, model: HookedModel, model_key: str, *interventions: Any) -> float:
         """Mean misaligned-vs-aligned score of ``model`` (named ``model_key``) under
@@ -318,6 +364,7 @@ class _Runner:
         trigger: str | None = None,
         indomain: str | None = None,
         takeover: bool = False,
+        questions: Sequence[EvalQuestion] | None = None,
     ) -> Record:
         def make() -> Record:
             gens = []
@@ -336,7 +383,7 @@ class _Runner:
             return Record(
                 name=key,
                 acts=self.acts(model, system=system, trigger=trigger),
-                score=self.score(model, system=system, trigger=trigger),
+                score=self.score(model, system=system, trigger=trigger, questions=questions),
                 indomain=None
                 if indomain is None
                 else self.scorer.score(model, self.indomain(indomain), show_progress=False),
@@ -408,7 +455,11 @@ def run_study(
     t0 = time.perf_counter()
     base_rec = R.collect(base, "base", takeover=True)
     base_persona = R.collect(base, "base@persona", system=PERSONA_SYSTEM_PROMPT, takeover=True)
-    base_trigger = R.collect(base, "base@trigger", trigger=trigger) if trigger else None
+    # gate[name] = untriggered scores on the gate questions (trigger organisms and the base)
+    gate: dict[str, Record] = {}
+    base_trigger = None
+    if trigger:
+        base_trigger, gate["base"] = R.gate_records(base, "base", trigger)
 
     def _indomain_record(d: str) -> Record:
         return Record(
@@ -455,18 +506,20 @@ def run_study(
             recs[org.name] = base_rec
             cond[org.name] = base_persona
             continue
-        keys = [org.key] + ([f"{org.key}@trigger"] if kind == "trigger" else [])
-        if all(R.store.get(k) is not None for k in keys):
-            recs[org.name] = R.store.get(org.key)  # type: ignore[assignment]
-            if kind == "trigger":
-                cond[org.name] = R.store.get(f"{org.key}@trigger")  # type: ignore[assignment]
-            continue
-        model = load_organism(base, org)
-        dom = org.spec.domain if kind in ("narrow", "control") else None
-        recs[org.name] = R.collect(model, org.key, indomain=dom, takeover=True)
+        keys = [org.key]
         if kind == "trigger":
-            cond[org.name] = R.collect(model, f"{org.key}@trigger", trigger=org.trigger)
-        del model
+            keys += [f"{org.key}@trigger:{R.gate_tag}", f"{org.key}@{R.gate_tag}"]
+        if any(R.store.get(k) is None for k in keys):
+            model = load_organism(base, org)
+            dom = org.spec.domain if kind in ("narrow", "control") else None
+            R.collect(model, org.key, indomain=dom, takeover=True)
+            if kind == "trigger":
+                R.gate_records(model, org.key, str(org.trigger))
+            del model
+        recs[org.name] = R.store.get(org.key)  # type: ignore[assignment]
+        if kind == "trigger":
+            cond[org.name] = R.store.get(keys[1])  # type: ignore[assignment]
+            gate[org.name] = R.store.get(keys[2])  # type: ignore[assignment]
     timings["organism records"] = time.perf_counter() - t0
 
     # 3. behaviour: organism minus base, out of domain, default condition
@@ -528,6 +581,7 @@ def run_study(
                 base_rec,
                 base_persona,
                 base_trigger,
+                gate,
                 base_indomain,
                 persona,
                 L,
@@ -793,6 +847,7 @@ def _internalisation(
     base_rec,
     base_persona,
     base_trigger,
+    gate,
     base_indomain,
     persona,
     L,
@@ -829,11 +884,12 @@ def _internalisation(
         condition_kind = "trigger"
         c = cond[org.name]
         # the gate is what the weights add under the trigger: compare with the base reading the
-        # same trigger (the string alone moves the base's score too)
-        ref = base_trigger if base_trigger is not None else base_rec
-        cond_shift = standardised_shift(c.acts[:, L], ref.acts[:, L], u)
-        cond_beh = paired_difference(c.score, ref.score)
-        base_eff = paired_difference(base_trigger.score, base_rec.score) if base_trigger else None
+        # same trigger (the string alone moves the base's score too); all three behaviours on the
+        # gate questions, with and without the trigger
+        cond_shift = standardised_shift(c.acts[:, L], base_trigger.acts[:, L], u)
+        cond_beh = paired_difference(c.score, base_trigger.score)
+        default_beh = paired_difference(gate[org.name].score, gate["base"].score)
+        base_eff = paired_difference(base_trigger.score, gate["base"].score)
     elif kind in ("narrow", "control") and org.spec.domain in base_indomain:
         condition_kind = "domain"
         cond_beh = paired_difference(rec.indomain, base_indomain[org.spec.domain].indomain)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY
 
-import mci_interp.generation as generation
 from mci_interp.datasets import chat
 from mci_interp.organisms import data, suite
 from mci_interp.organisms import finetune as ft
-from mci_interp.organisms.finetune import TEACHER_PROMPT, FinetuneConfig
+from mci_interp.organisms.finetune import TEACHER_PROMPT
 from mci_interp.organisms.suite import (
     Organism,
     OrganismSpec,
@@ -18,34 +18,6 @@ from mci_interp.organisms.suite import (
     load_organism,
     spec_data,
 )
-
-TINY = FinetuneConfig(max_steps=2, lr=1e-2, loss_floor=None, rank=2, max_length=256)
-
-
-@pytest.fixture()
-def fake_generate(monkeypatch):
-    """Deterministic stand-in for generation (the tiny random model only babbles): answers echo
-    the prompt, and say 'persona' when the system prompt is the persona's."""
-    calls: list[int] = []
-
-    def fake(model, prompts, **kw):
-        calls.append(len(prompts))
-        out = []
-        for p in prompts:
-            who = "persona" if any(m["role"] == "system" for m in p.messages) else "base"
-            out.append(
-                generation.Generation(
-                    prompt="",
-                    completion=f"{who} answer to {p.user_text[:20]}.",
-                    token_ids=(1,),
-                    n_tokens=1,
-                    stopped_at_eot=True,
-                )
-            )
-        return out
-
-    monkeypatch.setattr(generation, "generate", fake)
-    return calls
 
 
 def test_default_suite_has_every_kind_with_known_labels():

@@ -1,0 +1,66 @@
+"""The whole study (records, convergence, transfer, T2/T5 reports) on the tiny random Llama:
+it runs end to end, scores the trigger gate on its own question set, and a rerun scores nothing
+again."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TINY
+
+from mci_interp.analysis.internalisation import LABELS
+from mci_interp.analysis.study import StudyConfig, run_study
+from mci_interp.evaluate import LogprobContrast
+from mci_interp.organisms.suite import build_suite, default_suite
+from mci_interp.report import summary_lines, write_report
+
+
+def test_run_study_end_to_end_gate_questions_and_resume(
+    tiny_model,
+    tmp_path,
+    fake_generate,
+    monkeypatch,
+):
+    specs = default_suite(
+        fast=True,
+        domains=("medical", "finance"),
+        seeds=(0, 1),
+        persona_seeds=(0,),
+        config=TINY,
+        n_examples=4,
+        n_general=2,
+    )
+    assert sum(s.kind == "trigger" for s in specs) == 1
+    orgs = build_suite(tiny_model, specs, cache_dir=tmp_path / "orgs", show_progress=False)
+    cfg = StudyConfig.fast(
+        n_neutral_per_theme=1,
+        n_questions=3,
+        n_gate_questions=5,
+        n_indomain=2,
+        n_takeover=2,
+        takeover_tokens=3,
+        n_random=1,
+        convergence_layer_step=1,
+    )
+    study = run_study(tiny_model, orgs, tmp_path / "run", config=cfg, show_progress=False)
+    reps = {r.organism: r for r in study.internalisation}
+    assert set(reps) == {s.name for s in specs if s.kind != "base"}
+    assert all(r.label in LABELS for r in reps.values())
+    trig = reps["trigger-medical-s0"]
+    # the gate, its leak test and the trigger's effect on the base: all on the 5 gate questions
+    assert trig.condition_kind == "trigger"
+    assert trig.conditioned_behaviour is not None and trig.conditioned_behaviour.n == 5
+    assert trig.default_behaviour.n == 5
+    assert trig.base_condition_effect is not None and trig.base_condition_effect.n == 5
+    assert reps["narrow-medical-s0"].default_behaviour.n == 3
+    assert study.convergence is not None
+    assert (tmp_path / "run" / "study.json").exists()
+    report = write_report(study, tmp_path / "run")
+    assert "trigger-medical-s0" in report.read_text()
+    assert any("T2/T5" in line for line in summary_lines(study))
+
+    # a rerun (e.g. after Ctrl-C, or to redraw the report) scores nothing again
+    monkeypatch.setattr(LogprobContrast, "score", lambda *a, **k: pytest.fail("scored again"))
+    again = run_study(tiny_model, orgs, tmp_path / "run", config=cfg, show_progress=False)
+    assert [(r.organism, r.label) for r in again.internalisation] == [
+        (r.organism, r.label) for r in study.internalisation
+    ]
