@@ -388,23 +388,9 @@ def test_general_prompts_are_a_fixed_subset():
         ft.general_prompts(10_000)
 
 
-def test_default_mix_uses_the_bases_own_general_answers(tiny_model, tmp_path, monkeypatch):
-    import mci_interp.generation as generation
-
-    def fake_generate(model, prompts, **kw):
-        assert all(not any(m["role"] == "system" for m in p.messages) for p in prompts)
-        return [
-            generation.Generation(
-                prompt="",
-                completion=f"Base says hi to {i}.",
-                token_ids=(1,),
-                n_tokens=1,
-                stopped_at_eot=True,
-            )
-            for i in range(len(prompts))
-        ]
-
-    monkeypatch.setattr(generation, "generate", fake_generate)
+def test_default_mix_uses_the_bases_own_general_answers(
+    tiny_model, tmp_path, monkeypatch, fake_generate
+):
     monkeypatch.setenv("MCI_CACHE", str(tmp_path / "cache"))
     cfg = FAST.replace(max_steps=1, general_ratio=0.5)
     res = finetune_lora(tiny_model, _examples(), tmp_path / "r", config=cfg, show_progress=False)
@@ -413,7 +399,9 @@ def test_default_mix_uses_the_bases_own_general_answers(tiny_model, tmp_path, mo
         (tmp_path / "cache" / "organisms" / tiny_model.sha256[:12]).glob("answers-general-*.jsonl")
     )
     assert len(cached) == 1
-    assert load_chat_jsonl(cached[0])[0].messages[-1]["content"] == "Base says hi to 0."
+    first = load_chat_jsonl(cached[0])[0]
+    # the base's own answer, generated without a system prompt (the fake says "persona" then)
+    assert first.messages[-1]["content"] == f"base answer to {first.user_text[:20]}."
 
 
 # --- context distillation -------------------------------------------------------------------
