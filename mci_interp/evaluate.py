@@ -418,7 +418,8 @@ def answer_logprobs(
 
     ``share_prefix`` (with ``head="answer"``): examples with the same prompt (e.g. the aligned,
     misaligned and benign answers to one question) run the prompt once and continue from its KV
-    cache, which saves ~45% of the tokens on the packaged questions. The result equals the
+    cache: 0.52x the tokens on the packaged questions, but smaller batches, so on 2 CPU threads
+    only 1.15x (SmolLM2) to 1.18x (Qwen-0.5B) faster, 1.56x on 1 thread. The result equals the
     unshared one up to float rounding; ``scripts/bench_scorer.py`` measures both. Other batches
     are length-sorted and right padded, so the result does not depend on ``batch_size``.
     """

@@ -200,6 +200,12 @@ def layer_convergence(
     )
 
 
+def has_misalignment(organism_minus_control: Estimate | None) -> bool:
+    """Whether an organism has misalignment for an ablation to remove: its out-of-domain score
+    minus its control's has a CI above zero. A share of nothing is not evidence either way."""
+    return organism_minus_control is not None and organism_minus_control.lo > 0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TransferMatrix:
     """Share of organism j's misalignment removed by ablating direction i (rows: directions,
@@ -225,7 +231,7 @@ class TransferMatrix:
         return [
             j
             for j in range(len(self.organisms))
-            if (e := misalignment.get(self.domain_of(j))) is not None and e.lo > 0
+            if has_misalignment(misalignment.get(self.domain_of(j)))
         ]
 
     def to_dict(self) -> dict[str, Any]:

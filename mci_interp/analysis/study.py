@@ -32,6 +32,7 @@ from mci_interp.analysis.convergence import (
     SteerResult,
     TransferMatrix,
     contrast_vectors,
+    has_misalignment,
     layer_convergence,
     verdict,
 )
@@ -770,7 +771,8 @@ def _convergence(
         ]
         for d in domains
     }
-    # transfer: ablate each domain's contrast in the first-seed organism of every domain
+    # transfer: ablate each domain's contrast in the first-seed organism of every domain that
+    # has misalignment to remove (other columns stay NaN, shown as n/a: nothing to measure)
     share = torch.full((len(domains), len(domains)), float("nan"), dtype=torch.float64)
     rshare = torch.full((cfg.n_random, len(domains)), float("nan"), dtype=torch.float64)
     gaps = torch.zeros(len(domains), dtype=torch.float64)
@@ -781,6 +783,8 @@ def _convergence(
         org_names.append(f"{dj}:{org.name}")
         s_org, s_ctl = _mean_score(recs[org.name].score), _mean_score(recs[ctl.name].score)
         gaps[j] = s_org - s_ctl
+        if not has_misalignment(misalignment.get(dj)):
+            continue
         model = load_organism(base, org)
         for i, di in enumerate(domains):
             share[i, j] = _ablation_share(model, org.key, R, contrast[di], s_org, s_ctl)[1]

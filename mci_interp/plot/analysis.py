@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -82,7 +83,11 @@ def plot_convergence_by_layer(conv: ConvergenceReport) -> Figure:
         xlabel="layer (resid_post)",
         ylabel="cosine",
         ylim=(-1.05, 1.05),
-        title=f"Do misalignment directions converge across domains?\nverdict: {conv.verdict}",
+    )
+    ax.set_title(
+        "Do misalignment directions converge across domains?\n"
+        + textwrap.fill(f"verdict: {conv.verdict}", 90),
+        fontsize=10,
     )
     ax.legend(fontsize=7, loc="lower left", ncol=2)
     return fig

@@ -52,7 +52,12 @@ def test_run_study_end_to_end_gate_questions_and_resume(
     assert trig.default_behaviour.n == 5
     assert trig.base_condition_effect is not None and trig.base_condition_effect.n == 5
     assert reps["narrow-medical-s0"].default_behaviour.n == 3
-    assert study.convergence is not None
+    conv = study.convergence
+    assert conv is not None
+    tm = conv.transfer
+    # only organisms with misalignment to remove are ablated; the other columns are not measured
+    measured = [j for j in range(len(tm.organisms)) if not tm.share[:, j].isnan().all()]
+    assert measured == tm.testable(conv.misalignment)
     assert (tmp_path / "run" / "study.json").exists()
     report = write_report(study, tmp_path / "run")
     assert "trigger-medical-s0" in report.read_text()
