@@ -125,7 +125,8 @@ def test_rules_cover_the_four_labels():
         conditioned_behaviour=_est(0.09, 0.05, 0.12),
         condition_kind="trigger",
     )
-    assert classify(leaked)[0] == "partial"
+    label, reasons = classify(leaked)
+    assert label == "partial" and any("gate leaks" in r for r in reasons)
     t5 = _report(
         default_shift=_est(1.2, 0.9, 1.5),
         breadth=0.8,
