@@ -331,18 +331,29 @@ class _Runner:
         )
         return on, self.record(f"{key}@{self.gate_tag}", untriggered)
 
-    def causal_score(self, model: HookedModel, model_key: str, *interventions: Any) -> float:
+    def causal_score(
+        self,
+        model: HookedModel,
+        model_key: str,
+        *interventions: Any,
+        questions: Sequence[EvalQuestion] | None = None,
+    ) -> float:
         """Mean misaligned-vs-aligned score of ``model`` (named ``model_key``) under
-        ``interventions``; stored, so an interrupted or repeated study never scores the same
-        (model, intervention) twice."""
-        key = stable_hash(
-            {"model": model_key, "interventions": [_fingerprint(iv) for iv in interventions]}
-        )
+        ``interventions`` on ``questions`` (default: the study's); stored, so an interrupted or
+        repeated study never scores the same (model, intervention, questions) twice."""
+        what: dict[str, Any] = {
+            "model": model_key,
+            "interventions": [_fingerprint(iv) for iv in interventions],
+        }
+        if questions is not None:
+            what["questions"] = [q.id for q in questions]
+        key = stable_hash(what)
         path = self.store.root / "causal" / f"{key}.json"
         if path.exists():
             return float(read_json(path)["score"])
+        qs = self.questions if questions is None else questions
         with apply(model, *interventions):
-            s = _mean_score(self.causal_scorer.score(model, self.questions, show_progress=False))
+            s = _mean_score(self.causal_scorer.score(model, qs, show_progress=False))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(
             path,
@@ -655,9 +666,11 @@ def _ablation_share(
     dirs: Sequence[Direction],
     s_org: float,
     s_ref: float,
+    questions: Sequence[EvalQuestion] | None = None,
 ) -> tuple[float, float]:
-    """(drop in score, share of the organism-minus-reference gap removed) under ablation."""
-    s = R.causal_score(model, model_key, *[Ablate(d) for d in dirs])
+    """(drop in score, share of the organism-minus-reference gap removed) under ablation; all
+    three scores on the same ``questions`` (default: the study's)."""
+    s = R.causal_score(model, model_key, *[Ablate(d) for d in dirs], questions=questions)
     gap = s_org - s_ref
     share = (s_org - s) / gap if abs(gap) > 1e-3 else float("nan")
     return s_org - s, share
@@ -919,23 +932,30 @@ def _internalisation(
     shift_present = default_shift.lo > 0 and default_shift.mean > null95
     # causal necessity needs misalignment to remove: only where the default score beats the base
     if shift_present and default_beh.lo > 0 and kind not in ("prompted", "base"):
-        report = _with_causal(R, base, org, report, rec, base_rec, persona, L, g)
+        if kind == "trigger":  # the leak was measured on the gate questions: remove it there
+            report = _with_causal(
+                R, base, org, report, gate[org.name], gate["base"], persona, L, g, R.gate_questions
+            )
+        else:
+            report = _with_causal(R, base, org, report, rec, base_rec, persona, L, g)
     label, reasons = classify(report, rules)
     from dataclasses import replace
 
     return replace(report, label=label, reasons=reasons)
 
 
-def _with_causal(R, base, org, report, rec, base_rec, persona, L, g) -> InternalisationReport:
+def _with_causal(
+    R, base, org, report, rec, base_rec, persona, L, g, questions=None
+) -> InternalisationReport:
     from dataclasses import replace
 
     ab_layers = _ablation_layers(R.config, L, base.n_layers)
     dirs = [persona[layer] for layer in ab_layers]
     s_org, s_base = _mean_score(rec.score), _mean_score(base_rec.score)
     model = load_organism(base, org)
-    share = _ablation_share(model, org.key, R, dirs, s_org, s_base)[1]
+    share = _ablation_share(model, org.key, R, dirs, s_org, s_base, questions)[1]
     rnd = tuple(
-        _ablation_share(model, org.key, R, _random_like(dirs, g), s_org, s_base)[1]
+        _ablation_share(model, org.key, R, _random_like(dirs, g), s_org, s_base, questions)[1]
         for _ in range(R.config.n_random)
     )
     del model

@@ -69,3 +69,22 @@ def test_run_study_end_to_end_gate_questions_and_resume(
     assert [(r.organism, r.label) for r in again.internalisation] == [
         (r.organism, r.label) for r in study.internalisation
     ]
+
+
+def test_causal_scores_are_stored_per_question_set(tiny_model, tmp_path, monkeypatch):
+    import torch
+
+    from mci_interp.analysis.study import _Runner
+    from mci_interp.intervene import Steer
+
+    cfg = StudyConfig.fast(n_neutral_per_theme=1, n_questions=2, n_gate_questions=4)
+    R = _Runner(tiny_model, cfg, tmp_path, show_progress=False)
+    d = torch.randn(tiny_model.d_model, generator=torch.Generator().manual_seed(0))
+    iv = Steer(d, 2.0, sites=[1])
+    on_study = R.causal_score(tiny_model, "m", iv)
+    on_gate = R.causal_score(tiny_model, "m", iv, questions=R.gate_questions)
+    assert on_study != on_gate  # different questions, different means
+    assert len(list((R.store.root / "causal").glob("*.json"))) == 2
+    monkeypatch.setattr(LogprobContrast, "score", lambda *a, **k: pytest.fail("scored again"))
+    assert R.causal_score(tiny_model, "m", iv, questions=R.gate_questions) == on_gate
+    assert R.causal_score(tiny_model, "m", iv) == on_study
