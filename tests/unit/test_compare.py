@@ -72,8 +72,8 @@ def test_cosine_matrix_symmetric_unit_diagonal(n, d, seed):
     assert torch.allclose(c.diagonal(), torch.ones(n, dtype=torch.float64))
     assert (c.abs() <= 1.0).all()
     assert torch.equal(sim.absolute, sim.signed.abs())
-    # scale invariance: cosine ignores the norms
-    assert torch.allclose(cosine_matrix(mat * 3.7).at(), c, atol=1e-12)
+    # scale invariance: cosine ignores the norms (up to float32 rounding of the scaled input)
+    assert torch.allclose(cosine_matrix(mat * 3.7).at(), c, atol=1e-6)
 
 
 def test_cosine_matrix_values_and_names_from_directions():
