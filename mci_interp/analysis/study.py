@@ -521,17 +521,17 @@ def run_study(
         keys = [org.key]
         if kind == "trigger":
             keys += [f"{org.key}@trigger:{R.gate_tag}", f"{org.key}@{R.gate_tag}"]
-        if any(R.store.get(k) is None for k in keys):
+        got = {k: R.store.get(k) for k in keys}  # each stored record read once
+        if any(v is None for v in got.values()):
             model = load_organism(base, org)
             dom = org.spec.domain if kind in ("narrow", "control") else None
-            R.collect(model, org.key, indomain=dom, takeover=True)
+            got[org.key] = R.collect(model, org.key, indomain=dom, takeover=True)
             if kind == "trigger":
-                R.gate_records(model, org.key, str(org.trigger))
+                got[keys[1]], got[keys[2]] = R.gate_records(model, org.key, str(org.trigger))
             del model
-        recs[org.name] = R.store.get(org.key)  # type: ignore[assignment]
+        recs[org.name] = got[org.key]  # type: ignore[assignment]
         if kind == "trigger":
-            cond[org.name] = R.store.get(keys[1])  # type: ignore[assignment]
-            gate[org.name] = R.store.get(keys[2])  # type: ignore[assignment]
+            cond[org.name], gate[org.name] = got[keys[1]], got[keys[2]]  # type: ignore[assignment]
     timings["organism records"] = time.perf_counter() - t0
 
     # 3. behaviour: organism minus base, out of domain, default condition
