@@ -1,8 +1,13 @@
 """The whole science on one base model and its organisms: collect, then analyse.
 
 ``run_study`` runs every model once per condition and keeps a *record* (activations at every
-layer on neutral out-of-domain prompts, judge-free scores, a few greedy answers) on disk under
-``out_dir/records``: an interrupted study resumes at the first missing record. Then it builds the
+layer on neutral out-of-domain prompts, judge-free scores, a few greedy answers) on disk, and
+every causal score (a model under an intervention) next to them. Both are content-addressed: a
+record's key holds the base's sha256, the organism's key (the hash of its spec, config and data),
+the prompt sets and the library version; a causal score's key adds the intervention's settings and
+its directions' exact bytes. So they live in the cache (``cache_root()/records``) and every run
+folder with the same settings shares them: an interrupted study resumes at the first missing
+record, and a second study of the same organisms recomputes only the analysis. Then it builds the
 persona direction, the misalignment contrasts, the convergence statistics with their nulls, the
 transfer matrix, steering of the base, and one internalisation report per organism.
 """
@@ -25,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mci_interp import __version__
-from mci_interp._io import atomic_path, read_json, stable_hash, write_json
+from mci_interp._io import atomic_path, cache_root, read_json, stable_hash, write_json
 from mci_interp.activations import cache_activations
 from mci_interp.analysis.convergence import (
     ConvergenceReport,
@@ -246,7 +251,12 @@ class _Runner:
     """Holds the base, the prompt sets and the record store while a study runs."""
 
     def __init__(
-        self, base: HookedModel, config: StudyConfig, out_dir: Path, show_progress: bool
+        self,
+        base: HookedModel,
+        config: StudyConfig,
+        out_dir: Path,
+        records_dir: Path,
+        show_progress: bool,
     ) -> None:
         self.base, self.config, self.show, self.out_dir = base, config, show_progress, out_dir
         # records depend on the prompt sets and sample sizes: a changed config gets a new folder
@@ -263,7 +273,7 @@ class _Runner:
             }
             | {"base": base.sha256, "version": __version__}
         )
-        self.store = RecordStore(out_dir / f"records-{key[:10]}")
+        self.store = RecordStore(records_dir / f"records-{key[:10]}")
         self.neutral, self.themes = neutral_prompts(config)
         self.questions = eval_questions(config.n_questions)
         self.gate_questions = eval_questions(config.n_gate_questions)
@@ -446,18 +456,30 @@ def run_study(
     *,
     config: StudyConfig | None = None,
     rules: Rules | None = None,
+    records_dir: Path | str | None = None,
     show_progress: bool = True,
 ) -> Study:
-    """Collect records for the base and every organism, then analyse (see module docstring)."""
+    """Collect records for the base and every organism, then analyse (see module docstring).
+
+    ``records_dir`` (default ``cache_root()/records/<base sha256[:12]>``) holds the records and
+    causal scores; pass ``out_dir`` to keep them with the run. They are keyed by the base's
+    sha256 as loaded from disk: a base whose weights were edited in memory needs its own
+    ``records_dir``.
+    """
     config = config or StudyConfig()
     rules = rules or Rules()
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records_dir = (
+        Path(records_dir)
+        if records_dir is not None
+        else cache_root() / "records" / base.sha256[:12]
+    )
     t_start = time.perf_counter()
-    R = _Runner(base, config, out_dir, show_progress)
+    R = _Runner(base, config, out_dir, records_dir, show_progress)
     L = config.analysis_layer if config.analysis_layer is not None else base.n_layers // 2
     Site(L).check(base.n_layers)
     timings: dict[str, float] = {}
-    g = torch.Generator().manual_seed(config.seed)
     domains = sorted(
         {o.spec.domain for o in organisms if o.spec.kind in ("narrow", "control") and o.spec.domain}
     )
@@ -570,7 +592,6 @@ def run_study(
             conv_domains,
             persona_vecs,
             L,
-            g,
             base_rec,
             dhash,
             show_progress,
@@ -580,7 +601,7 @@ def run_study(
     # 5. internalisation reports
     t0 = time.perf_counter()
     reports = []
-    for org in organisms:
+    for org in tqdm(organisms, desc="internalisation", disable=not show_progress, leave=False):
         if org.spec.kind == "base":
             continue
         reports.append(
@@ -597,7 +618,6 @@ def run_study(
                 base_indomain,
                 persona,
                 L,
-                g,
                 rules,
             )
         )
@@ -681,6 +701,14 @@ def _ablation_layers(config: StudyConfig, layer: int, n_layers: int) -> list[int
     return sorted({min(max(layer + o, 0), n_layers - 1) for o in config.ablate_offsets})
 
 
+def _rng(seed: int, *purpose: Any) -> torch.Generator:
+    """A generator seeded by the study's seed and what it is for (e.g. ``"transfer", domain,
+    k``): each random control is the same whatever else the study computes, and in whatever order
+    (a shared generator made them depend on which cells ran before), so its causal score is
+    cached once and reused."""
+    return torch.Generator().manual_seed(int(stable_hash([seed, *purpose]), 16) % (1 << 62))
+
+
 def _random_like(dirs: Sequence[Direction], g: torch.Generator) -> list[Direction]:
     return [random_direction(d, generator=g) for d in dirs]
 
@@ -695,7 +723,6 @@ def _convergence(
     domains,
     persona_vecs,
     L,
-    g,
     base_rec,
     dhash,
     show_progress,
@@ -803,7 +830,12 @@ def _convergence(
             share[i, j] = _ablation_share(model, org.key, R, contrast[di], s_org, s_ctl)[1]
         for k in range(cfg.n_random):
             rshare[k, j] = _ablation_share(
-                model, org.key, R, _random_like(contrast[dj], g), s_org, s_ctl
+                model,
+                org.key,
+                R,
+                _random_like(contrast[dj], _rng(cfg.seed, "transfer", dj, k)),
+                s_org,
+                s_ctl,
             )[1]
         del model
     transfer = TransferMatrix(
@@ -819,18 +851,21 @@ def _convergence(
     induced = torch.zeros(len(domains), len(cfg.steer_alphas), dtype=torch.float64)
     rinduced = torch.zeros(cfg.n_random, len(cfg.steer_alphas), dtype=torch.float64)
     at_L = {d: next(x for x in contrast[d] if x.site.layer == L) for d in domains}
-    for a, alpha in enumerate(cfg.steer_alphas):
-        for i, d in enumerate(domains):
-            induced[i, a] = (
-                R.causal_score(base, "base", Steer(at_L[d], alpha, scale="relative")) - s_base
-            )
-        for k in range(cfg.n_random):
-            rnd = random_direction(
-                at_L[domains[0]], generator=torch.Generator().manual_seed(cfg.seed + 101 + k)
-            )
-            rinduced[k, a] = (
-                R.causal_score(base, "base", Steer(rnd, alpha, scale="relative")) - s_base
-            )
+    rnd = [
+        random_direction(at_L[domains[0]], generator=_rng(cfg.seed, "steer", k))
+        for k in range(cfg.n_random)
+    ]
+    cells = [
+        (a, i, at_L[d], induced) for i, d in enumerate(domains) for a in range(len(induced[0]))
+    ]
+    cells += [(a, k, r, rinduced) for k, r in enumerate(rnd) for a in range(len(induced[0]))]
+    for a, i, direction, table in tqdm(
+        cells, desc="steering", disable=not show_progress, leave=False
+    ):
+        alpha = cfg.steer_alphas[a]
+        table[i, a] = (
+            R.causal_score(base, "base", Steer(direction, alpha, scale="relative")) - s_base
+        )
     steer = SteerResult(
         directions=tuple(domains),
         alphas=tuple(cfg.steer_alphas),
@@ -868,7 +903,6 @@ def _internalisation(
     base_indomain,
     persona,
     L,
-    g,
     rules,
 ) -> InternalisationReport:
     kind = org.spec.kind
@@ -877,7 +911,10 @@ def _internalisation(
     default_shift = standardised_shift(rec.acts[:, L], base_rec.acts[:, L], u, seed=R.config.seed)
     null95 = float(
         torch.quantile(
-            random_shift_null(rec.acts[:, L], base_rec.acts[:, L], generator=g), rules.null_quantile
+            random_shift_null(
+                rec.acts[:, L], base_rec.acts[:, L], generator=_rng(R.config.seed, "shift", org.key)
+            ),
+            rules.null_quantile,
         )
     )
     themes, breadth = theme_breadth(rec.acts[:, L], base_rec.acts[:, L], u, R.themes, null95=null95)
@@ -934,10 +971,10 @@ def _internalisation(
     if shift_present and default_beh.lo > 0 and kind not in ("prompted", "base"):
         if kind == "trigger":  # the leak was measured on the gate questions: remove it there
             report = _with_causal(
-                R, base, org, report, gate[org.name], gate["base"], persona, L, g, R.gate_questions
+                R, base, org, report, gate[org.name], gate["base"], persona, L, R.gate_questions
             )
         else:
-            report = _with_causal(R, base, org, report, rec, base_rec, persona, L, g)
+            report = _with_causal(R, base, org, report, rec, base_rec, persona, L)
     label, reasons = classify(report, rules)
     from dataclasses import replace
 
@@ -945,7 +982,7 @@ def _internalisation(
 
 
 def _with_causal(
-    R, base, org, report, rec, base_rec, persona, L, g, questions=None
+    R, base, org, report, rec, base_rec, persona, L, questions=None
 ) -> InternalisationReport:
     from dataclasses import replace
 
@@ -955,8 +992,16 @@ def _with_causal(
     model = load_organism(base, org)
     share = _ablation_share(model, org.key, R, dirs, s_org, s_base, questions)[1]
     rnd = tuple(
-        _ablation_share(model, org.key, R, _random_like(dirs, g), s_org, s_base, questions)[1]
-        for _ in range(R.config.n_random)
+        _ablation_share(
+            model,
+            org.key,
+            R,
+            _random_like(dirs, _rng(R.config.seed, "necessity", org.key, k)),
+            s_org,
+            s_base,
+            questions,
+        )[1]
+        for k in range(R.config.n_random)
     )
     del model
     return replace(

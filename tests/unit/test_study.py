@@ -1,8 +1,10 @@
 """The whole study (records, convergence, transfer, T2/T5 reports) on the tiny random Llama:
-it runs end to end, scores the trigger gate on its own question set, and a rerun scores nothing
-again."""
+it runs end to end, scores the trigger gate on its own question set, and a second study of the
+same organisms, in another run folder, scores nothing again."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from conftest import TINY
@@ -41,7 +43,11 @@ def test_run_study_end_to_end_gate_questions_and_resume(
         n_random=1,
         convergence_layer_step=1,
     )
+    monkeypatch.setenv("MCI_CACHE", str(tmp_path / "cache"))
     study = run_study(tiny_model, orgs, tmp_path / "run", config=cfg, show_progress=False)
+    # records and causal scores are content-addressed in the cache, not in the run folder
+    (records,) = (tmp_path / "cache" / "records" / tiny_model.sha256[:12]).glob("records-*")
+    assert (records / "causal").is_dir() and not list((tmp_path / "run").glob("records-*"))
     reps = {r.organism: r for r in study.internalisation}
     assert set(reps) == {s.name for s in specs if s.kind != "base"}
     assert all(r.label in LABELS for r in reps.values())
@@ -63,12 +69,14 @@ def test_run_study_end_to_end_gate_questions_and_resume(
     assert "trigger-medical-s0" in report.read_text()
     assert any("T2/T5" in line for line in summary_lines(study))
 
-    # a rerun (e.g. after Ctrl-C, or to redraw the report) scores nothing again
+    # a rerun (after Ctrl-C, to redraw the report, or into a new run folder) scores nothing
+    # again, and draws the same random controls, so every number is the same
     monkeypatch.setattr(LogprobContrast, "score", lambda *a, **k: pytest.fail("scored again"))
-    again = run_study(tiny_model, orgs, tmp_path / "run", config=cfg, show_progress=False)
-    assert [(r.organism, r.label) for r in again.internalisation] == [
-        (r.organism, r.label) for r in study.internalisation
-    ]
+    again = run_study(tiny_model, orgs, tmp_path / "run2", config=cfg, show_progress=False)
+    def numbers(s):  # json, so NaN (an untestable transfer cell) compares equal to itself
+        return json.dumps(s.to_dict() | {"timings": None}, sort_keys=True, default=str)
+
+    assert numbers(again) == numbers(study)
 
 
 def test_causal_scores_are_stored_per_question_set(tiny_model, tmp_path, monkeypatch):
@@ -78,7 +86,7 @@ def test_causal_scores_are_stored_per_question_set(tiny_model, tmp_path, monkeyp
     from mci_interp.intervene import Steer
 
     cfg = StudyConfig.fast(n_neutral_per_theme=1, n_questions=2, n_gate_questions=4)
-    R = _Runner(tiny_model, cfg, tmp_path, show_progress=False)
+    R = _Runner(tiny_model, cfg, tmp_path, tmp_path / "records", show_progress=False)
     d = torch.randn(tiny_model.d_model, generator=torch.Generator().manual_seed(0))
     iv = Steer(d, 2.0, sites=[1])
     on_study = R.causal_score(tiny_model, "m", iv)
@@ -88,3 +96,15 @@ def test_causal_scores_are_stored_per_question_set(tiny_model, tmp_path, monkeyp
     monkeypatch.setattr(LogprobContrast, "score", lambda *a, **k: pytest.fail("scored again"))
     assert R.causal_score(tiny_model, "m", iv, questions=R.gate_questions) == on_gate
     assert R.causal_score(tiny_model, "m", iv) == on_study
+
+
+def test_random_controls_depend_on_their_purpose_not_on_order():
+    import torch
+
+    from mci_interp.analysis.study import _rng
+
+    a = torch.randn(5, generator=_rng(0, "transfer", "medical", 1))
+    torch.randn(100, generator=_rng(0, "steer", 0))  # another draw in between changes nothing
+    assert torch.equal(a, torch.randn(5, generator=_rng(0, "transfer", "medical", 1)))
+    assert not torch.equal(a, torch.randn(5, generator=_rng(0, "transfer", "medical", 2)))
+    assert not torch.equal(a, torch.randn(5, generator=_rng(1, "transfer", "medical", 1)))
