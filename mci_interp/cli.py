@@ -178,7 +178,7 @@ def cmd_demo(args) -> int:
         f"[2/3] study: records, directions, convergence, transfer, internalisation -> {out}",
         file=sys.stderr,
     )
-    study = run_study(model, orgs, out, config=_study_config(args))
+    study = run_study(model, orgs, out, config=_study_config(args), records_dir=args.records)
     print("[3/3] report and figures", file=sys.stderr)
     report = write_report(
         study,
@@ -191,6 +191,7 @@ def cmd_demo(args) -> int:
     print("\n".join(summary_lines(study)))
     print(f"organisms: {t_org:.0f}s; total {time.perf_counter() - t_all:.0f}s")
     print(f"report: {report}")
+    print(f"records and causal scores: {study.meta['records_dir']}")
     return 0
 
 
@@ -380,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--seed", type=int, default=0)
             sp.add_argument("--out", default="runs")
             sp.add_argument("--name", default=None, help="run folder name under --out")
+            sp.add_argument(
+                "--records",
+                default=None,
+                help="where per-model records and causal scores are kept (default: the cache, "
+                "shared by every run folder with the same settings)",
+            )
     return p
 
 

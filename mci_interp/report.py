@@ -167,14 +167,15 @@ def write_report(
     )
     L.append(
         "| organism | expected | label | default shift (SD) [95% CI] | null95 | breadth | earliest layer | "
-        "OOD score - base | under its condition | causal share (random max) |"
+        "OOD score - base | under its condition | causal share (random max; rank p) |"
     )
     L.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in study.internalisation:
         cs = (
             ""
             if r.causal is None
-            else f"{r.causal.share_removed:+.0%} ({max(r.causal.random_shares, default=float('nan')):+.0%})"
+            else f"{r.causal.share_removed:+.0%} ({max(r.causal.random_shares, default=float('nan')):+.0%}; "
+            f"p = {r.causal.p_value:.2f})"
         )
         cb = (
             ""

@@ -133,6 +133,14 @@ class CausalTest:
     def beats_random(self) -> bool:
         return bool(self.random_shares) and self.share_removed > max(self.random_shares)
 
+    @property
+    def p_value(self) -> float:
+        """Rank p-value against the random directions, ``(1 + #random >= share) / (1 + n)``:
+        beating all of n random directions is p = 1/(n+1) at best (0.25 with 3), so a claim at
+        the 5% level needs n >= 19."""
+        n = len(self.random_shares)
+        return (1 + sum(r >= self.share_removed for r in self.random_shares)) / (1 + n)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -239,7 +247,9 @@ def classify(r: InternalisationReport, rules: Rules | None = None) -> tuple[str,
         assert r.causal is not None
         reasons.append(
             f"broad ({r.breadth:.0%} of themes), upstream (layer {r.earliest_layer}), causal "
-            f"(ablation removes {r.causal.share_removed:.0%} vs random <= {max(r.causal.random_shares):.0%})"
+            f"(ablation removes {r.causal.share_removed:.0%} vs random <= "
+            f"{max(r.causal.random_shares):.0%}, rank p = {r.causal.p_value:.2f} with "
+            f"{len(r.causal.random_shares)} random directions)"
         )
         return "internalised", tuple(reasons)
     if cond is not None and cond.lo > 0 and r.condition_kind != "trigger":

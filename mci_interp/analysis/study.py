@@ -656,6 +656,7 @@ def run_study(
             "takeover_prompts": [ex.user_text for ex in R.takeover_prompts],
             "questions": [q.id for q in R.questions],
             "n_neutral": len(R.neutral),
+            "records_dir": str(R.store.root),
             "layer_convention": "resid_post of block L (= HF hidden_states[L+1]), last prompt token",
         },
     )

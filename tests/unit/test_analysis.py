@@ -222,3 +222,12 @@ def test_intervention_fingerprint_changes_with_the_direction_and_settings():
         _fingerprint(Steer(a, 1.0)),
     ]
     assert len({repr(p) for p in prints}) == len(prints)
+
+
+def test_causal_rank_p_value_counts_random_directions_at_least_as_strong():
+    from mci_interp.analysis.internalisation import CausalTest
+
+    assert CausalTest(share_removed=0.9, random_shares=(0.1, 0.2, 0.3), gap=0.1).p_value == 0.25
+    assert CausalTest(share_removed=0.2, random_shares=(0.1, 0.2, 0.3), gap=0.1).p_value == 0.75
+    many = CausalTest(share_removed=0.9, random_shares=tuple([0.0] * 19), gap=0.1)
+    assert many.p_value == 0.05 and many.beats_random
