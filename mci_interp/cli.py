@@ -114,9 +114,12 @@ def cmd_cache(args) -> int:
 def _study_config(args):
     from mci_interp.analysis.study import StudyConfig
 
+    extra = {} if args.n_random is None else {"n_random": args.n_random}
     if args.fast:
-        return StudyConfig.fast(analysis_layer=args.layer, seed=args.seed)
-    return StudyConfig(analysis_layer=args.layer, n_questions=args.n_questions, seed=args.seed)
+        return StudyConfig.fast(analysis_layer=args.layer, seed=args.seed, **extra)
+    return StudyConfig(
+        analysis_layer=args.layer, n_questions=args.n_questions, seed=args.seed, **extra
+    )
 
 
 def _suite(args):
@@ -163,6 +166,7 @@ def cmd_demo(args) -> int:
     from mci_interp.report import summary_lines, write_report
 
     t_all = time.perf_counter()
+    config = _study_config(args)  # bad settings fail now, not after the organisms are built
     model = _load(args)
     out = Path(args.out) / (
         args.name or f"{model.name.split('/')[-1]}{'-fast' if args.fast else ''}"
@@ -178,7 +182,7 @@ def cmd_demo(args) -> int:
         f"[2/3] study: records, directions, convergence, transfer, internalisation -> {out}",
         file=sys.stderr,
     )
-    study = run_study(model, orgs, out, config=_study_config(args), records_dir=args.records)
+    study = run_study(model, orgs, out, config=config, records_dir=args.records)
     print("[3/3] report and figures", file=sys.stderr)
     report = write_report(
         study,
@@ -378,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "--layer", type=int, default=None, help="analysis layer (default: middle)"
             )
             sp.add_argument("--n-questions", type=int, default=14)
+            sp.add_argument(
+                "--n-random",
+                type=int,
+                default=None,
+                help="norm-matched random directions per causal test (default 5; beating all n "
+                "is a rank p-value of 1/(n+1))",
+            )
             sp.add_argument("--seed", type=int, default=0)
             sp.add_argument("--out", default="runs")
             sp.add_argument("--name", default=None, help="run folder name under --out")

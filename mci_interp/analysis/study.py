@@ -90,10 +90,23 @@ class StudyConfig:
     takeover_tokens: int = 32
     ablate_offsets: tuple[int, ...] = (-2, 0, 2)
     steer_alphas: tuple[float, ...] = (0.5, 1.0)
-    n_random: int = 3
+    n_random: int = 5  # random directions per causal test: beating all 5 is rank p = 1/6
     convergence_layer_step: int = 3
     batch_size: int = 16
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name.startswith("n_") or f.name in ("batch_size", "takeover_tokens"):
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ValueError(f"StudyConfig.{f.name} must be an integer >= 1, got {v!r}")
+        if self.convergence_layer_step < 1:
+            raise ValueError(
+                f"StudyConfig.convergence_layer_step must be >= 1, got {self.convergence_layer_step}"
+            )
+        if not self.steer_alphas or not self.ablate_offsets:
+            raise ValueError("StudyConfig.steer_alphas and ablate_offsets must be non-empty")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -73,6 +73,7 @@ def test_run_study_end_to_end_gate_questions_and_resume(
     # again, and draws the same random controls, so every number is the same
     monkeypatch.setattr(LogprobContrast, "score", lambda *a, **k: pytest.fail("scored again"))
     again = run_study(tiny_model, orgs, tmp_path / "run2", config=cfg, show_progress=False)
+
     def numbers(s):  # json, so NaN (an untestable transfer cell) compares equal to itself
         return json.dumps(s.to_dict() | {"timings": None}, sort_keys=True, default=str)
 
@@ -108,3 +109,13 @@ def test_random_controls_depend_on_their_purpose_not_on_order():
     assert torch.equal(a, torch.randn(5, generator=_rng(0, "transfer", "medical", 1)))
     assert not torch.equal(a, torch.randn(5, generator=_rng(0, "transfer", "medical", 2)))
     assert not torch.equal(a, torch.randn(5, generator=_rng(1, "transfer", "medical", 1)))
+
+
+def test_bad_study_settings_fail_before_any_model_loads(monkeypatch, capsys):
+    import mci_interp.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("loaded a model first"))
+    assert cli.main(["demo", "--n-random", "0"]) == 2
+    assert "n_random must be an integer >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="n_questions"):
+        StudyConfig(n_questions=0)
