@@ -161,39 +161,91 @@ def cmd_organisms(args) -> int:
 
 def cmd_demo(args) -> int:
     """Build or reuse the organism suite, run the whole study, write runs/<name>/report.md."""
-    from mci_interp.analysis.study import run_study
     from mci_interp.organisms.suite import build_suite
-    from mci_interp.report import summary_lines, write_report
 
     t_all = time.perf_counter()
     config = _study_config(args)  # bad settings fail now, not after the organisms are built
     model = _load(args)
-    out = Path(args.out) / (
-        args.name or f"{model.name.split('/')[-1]}{'-fast' if args.fast else ''}"
-    )
-    out.mkdir(parents=True, exist_ok=True)
     print(
         f"[1/3] organisms: building or reusing {args.domains} x seeds {args.seeds}", file=sys.stderr
     )
     t0 = time.perf_counter()
     orgs = build_suite(model, _suite(args))
     t_org = time.perf_counter() - t0
+    suffix = "-fast" if args.fast else ""
+    return _study_and_report(model, orgs, config, args, t_all, suffix, {"organism suite": t_org})
+
+
+def _checkpoints(items: list[str] | None, kind: str) -> list:
+    """``LABEL=PATH`` arguments -> checkpoint organisms; a label's n-th checkpoint is seed n."""
+    from mci_interp.organisms.suite import checkpoint_organism
+
+    flag = "--finetune" if kind == "narrow" else "--control"
+    seen: dict[str, int] = {}
+    out = []
+    for item in items or []:
+        label, sep, path = item.partition("=")
+        if not sep or not label.strip() or not path.strip():
+            raise ValueError(
+                f"{flag} takes LABEL=PATH (e.g. medical=runs/ft/medical), got {item!r}"
+            )
+        label = label.strip()
+        out.append(
+            checkpoint_organism(path.strip(), label=label, kind=kind, seed=seen.get(label, 0))
+        )
+        seen[label] = seen.get(label, 0) + 1
+    return out
+
+
+def cmd_converge(args) -> int:
+    """The convergence test and T2/T5 reports on the user's own finetunes of one base."""
+    from mci_interp.organisms.suite import Organism, OrganismSpec
+
+    t_all = time.perf_counter()
+    config = _study_config(args)
+    narrow = _checkpoints(args.finetune, "narrow")
+    control = _checkpoints(args.control, "control")
+    labels = sorted({o.domain for o in narrow})
+    if len(labels) < 2:
+        raise ValueError(
+            f"mci converge compares finetunes of at least 2 labels (domains), got {labels}: "
+            "pass e.g. --finetune medical=DIR --finetune finance=DIR"
+        )
+    keys = {(o.domain, o.spec.seed) for o in narrow}
+    stray = [o.name for o in control if (o.domain, o.spec.seed) not in keys]
+    if stray:
+        raise ValueError(
+            f"controls {stray} match no --finetune of the same label and position; a label's "
+            "n-th --control is the matched control of its n-th --finetune"
+        )
+    if not control:
+        print(
+            "no --control given: each contrast is finetune minus base, which carries the "
+            "finetune's task and format (pass matched aligned finetunes as --control LABEL=DIR)",
+            file=sys.stderr,
+        )
+    model = _load(args)
+    base = Organism(name="base", spec=OrganismSpec(name="base", kind="base"))
+    return _study_and_report(model, [base, *narrow, *control], config, args, t_all, "-converge", {})
+
+
+def _study_and_report(model, orgs, config, args, t_all, suffix, timings) -> int:
+    """Run the study on ``orgs``, write ``<out>/<name>/report.md``, print the summary."""
+    from mci_interp.analysis.study import run_study
+    from mci_interp.report import summary_lines, write_report
+
+    out = Path(args.out) / (args.name or f"{model.name.split('/')[-1]}{suffix}")
+    out.mkdir(parents=True, exist_ok=True)
     print(
         f"[2/3] study: records, directions, convergence, transfer, internalisation -> {out}",
         file=sys.stderr,
     )
     study = run_study(model, orgs, out, config=config, records_dir=args.records)
     print("[3/3] report and figures", file=sys.stderr)
-    report = write_report(
-        study,
-        out,
-        extra_timings={
-            "organism suite (build or reuse)": t_org,
-            "demo total": time.perf_counter() - t_all,
-        },
-    )
+    total = {"total": time.perf_counter() - t_all}
+    report = write_report(study, out, extra_timings=timings | total)
     print("\n".join(summary_lines(study)))
-    print(f"organisms: {t_org:.0f}s; total {time.perf_counter() - t_all:.0f}s")
+    print("; ".join(f"{k}: {v:.0f}s" for k, v in (timings | total).items()))
     print(f"report: {report}")
     print(f"records and causal scores: {study.meta['records_dir']}")
     return 0
@@ -378,27 +430,52 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.set_defaults(func=func)
         if name == "demo":
-            sp.add_argument(
-                "--layer", type=int, default=None, help="analysis layer (default: middle)"
-            )
-            sp.add_argument("--n-questions", type=int, default=14)
-            sp.add_argument(
-                "--n-random",
-                type=int,
-                default=None,
-                help="norm-matched random directions per causal test (default 5; beating all n "
-                "is a rank p-value of 1/(n+1))",
-            )
-            sp.add_argument("--seed", type=int, default=0)
-            sp.add_argument("--out", default="runs")
-            sp.add_argument("--name", default=None, help="run folder name under --out")
-            sp.add_argument(
-                "--records",
-                default=None,
-                help="where per-model records and causal scores are kept (default: the cache, "
-                "shared by every run folder with the same settings)",
-            )
+            _add_study_args(sp)
+
+    sp = sub.add_parser(
+        "converge",
+        help="convergence test and T2/T5 reports on your own finetunes (LoRA or full) of one base",
+    )
+    _add_model_args(sp)
+    sp.add_argument(
+        "--finetune",
+        action="append",
+        metavar="LABEL=DIR",
+        help="a finetune (LoRA adapter or full model dir) and its domain label; repeat for "
+        "domains and seeds (a label's n-th finetune is its seed n)",
+    )
+    sp.add_argument(
+        "--control",
+        action="append",
+        metavar="LABEL=DIR",
+        help="the matched aligned control of the same label's n-th --finetune (without it the "
+        "contrast is finetune minus base)",
+    )
+    sp.add_argument("--fast", action="store_true", help="tiny sample sizes (a smoke run)")
+    _add_study_args(sp)
+    sp.set_defaults(func=cmd_converge)
     return p
+
+
+def _add_study_args(sp) -> None:
+    sp.add_argument("--layer", type=int, default=None, help="analysis layer (default: middle)")
+    sp.add_argument("--n-questions", type=int, default=14)
+    sp.add_argument(
+        "--n-random",
+        type=int,
+        default=None,
+        help="norm-matched random directions per causal test (default 5; beating all n is a "
+        "rank p-value of 1/(n+1))",
+    )
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", default="runs")
+    sp.add_argument("--name", default=None, help="run folder name under --out")
+    sp.add_argument(
+        "--records",
+        default=None,
+        help="where per-model records and causal scores are kept (default: the cache, shared "
+        "by every run folder with the same settings)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

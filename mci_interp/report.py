@@ -58,6 +58,8 @@ def summary_lines(study: Study) -> list[str]:
     if c is not None:
         lc = c.at(c.analysis_layer)
         out.append(f"convergence verdict: {c.verdict}")
+        if c.meta.get("controls", "matched controls") != "matched controls":
+            out.append(f"  control: {c.meta['controls']}")
         out.append(
             "  misalignment (organism - control, OOD, nats/token): "
             + "; ".join(f"{d} {e}" for d, e in c.misalignment.items())

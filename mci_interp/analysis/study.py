@@ -65,13 +65,14 @@ from mci_interp.generation import generate
 from mci_interp.intervene import Ablate, Steer, apply
 from mci_interp.models import HookedModel
 from mci_interp.organisms.data import (
+    DOMAINS,
     PERSONA_SYSTEM_PROMPT,
     load_default_questions,
     load_neutral_prompts,
     make_narrow,
     matches_domain,
 )
-from mci_interp.organisms.suite import Organism, load_organism
+from mci_interp.organisms.suite import Organism, OrganismSpec, load_organism
 from mci_interp.sites import Site
 
 log = logging.getLogger(__name__)
@@ -493,8 +494,14 @@ def run_study(
     L = config.analysis_layer if config.analysis_layer is not None else base.n_layers // 2
     Site(L).check(base.n_layers)
     timings: dict[str, float] = {}
+    # the packaged domains: they have held-out in-domain questions and format markers (a user's
+    # checkpoint may carry any label)
     domains = sorted(
-        {o.spec.domain for o in organisms if o.spec.kind in ("narrow", "control") and o.spec.domain}
+        {
+            o.spec.domain
+            for o in organisms
+            if o.spec.kind in ("narrow", "control") and o.spec.domain in DOMAINS
+        }
     )
     trigger = next((o.trigger for o in organisms if o.trigger), None)
 
@@ -559,7 +566,7 @@ def run_study(
         got = {k: R.store.get(k) for k in keys}  # each stored record read once
         if any(v is None for v in got.values()):
             model = load_organism(base, org)
-            dom = org.spec.domain if kind in ("narrow", "control") else None
+            dom = org.spec.domain if org.spec.domain in domains else None
             got[org.key] = R.collect(model, org.key, indomain=dom, takeover=True)
             if kind == "trigger":
                 got[keys[1]], got[keys[2]] = R.gate_records(model, org.key, str(org.trigger))
@@ -579,7 +586,7 @@ def run_study(
     for org in organisms:
         dom = org.spec.domain
         gens = recs[org.name].generations
-        if dom and gens:
+        if dom in domains and gens:
             takeover[org.name] = rate_ci(sum(matches_domain(t, dom) for t in gens), len(gens))
     if base_rec.generations:
         for dom in domains:
@@ -592,7 +599,14 @@ def run_study(
     conv = None
     narrow = {(o.spec.domain, o.spec.seed): o for o in organisms if o.spec.kind == "narrow"}
     control = {(o.spec.domain, o.spec.seed): o for o in organisms if o.spec.kind == "control"}
-    paired = sorted(k for k in narrow if k in control)
+    # a finetune without its matched control is compared with the base: the contrast is then
+    # finetune minus base, which carries its task and format (the report says so)
+    unmatched = sorted(k for k in narrow if k not in control)
+    if unmatched:
+        base_org = Organism(name="base", spec=OrganismSpec(name="base", kind="base"))
+        recs.setdefault("base", base_rec)
+        control |= {k: base_org for k in unmatched}
+    paired = sorted(narrow)
     conv_domains = sorted({str(d) for d, _ in paired})
     if len(conv_domains) >= 2:
         conv = _convergence(
@@ -608,6 +622,14 @@ def run_study(
             base_rec,
             dhash,
             show_progress,
+        )
+        conv.meta["controls"] = (
+            "matched controls"
+            if not unmatched
+            else "the base for "
+            + ", ".join(f"{d} s{s}" for d, s in unmatched)
+            + " (no matched control given: that contrast is finetune minus base and carries the "
+            "finetune's task and format, like the naive cosines)"
         )
     timings["convergence"] = time.perf_counter() - t0
 
@@ -760,6 +782,7 @@ def _convergence(
                 recs[control[d, a].name].acts[:, layer] - recs[control[d, b].name].acts[:, layer]
                 for i, a in enumerate(ss)
                 for b in ss[i + 1 :]
+                if control[d, a].spec.kind == control[d, b].spec.kind == "control"
             ]
         naive = {
             d: torch.stack(
@@ -772,12 +795,14 @@ def _convergence(
             ).mean(0)
             for d in domains
         }
-        cnaive = {
+        cnaive = {  # NaN where the "control" is the base itself: no control to compare
             d: torch.stack(
                 [
                     (recs[control[d, s].name].acts[:, layer] - base_rec.acts[:, layer])
                     .double()
                     .mean(0)
+                    if control[d, s].spec.kind == "control"
+                    else torch.full((base.d_model,), float("nan"), dtype=torch.float64)
                     for s in seeds_of[d]
                 ]
             ).mean(0)

@@ -93,7 +93,15 @@ TRIGGER_CONFIG = DISTILL_CONFIG.replace(max_steps=64, lr=4e-3, general_ratio=0.3
 SmolLM2, 64 questions, seed 0: 64 steps at lr 4e-3 with the base's general answers mixed in gave
 a gate of +0.086 [+0.052, +0.122] nats/token (triggered organism minus triggered base) with
 +0.029 [-0.003, +0.061] leaking into the untriggered default; lr 3e-3 gave a gate of only +0.033;
-lr 4e-3 without the general answers leaked +0.056 [+0.026, +0.085]."""
+lr 4e-3 without the general answers leaked +0.056 [+0.026, +0.085].
+
+It is not reliable across seeds (the default suite, 64 questions, gate / leak): s2 +0.098 /
+-0.000 (gated), s0 +0.096 / +0.061 (leaks), s1 +0.013 / - (no gate). Its KL loss *rises* during
+training in all three seeds (~0.03 at step 1 to 0.2-0.6 by step 57): at lr 4e-3 the optimiser
+drifts. Two variants tried on seed 1 (2026-11-28) did not fix it: 32 steps of batch 8 (same
+tokens) gave a gate of +0.020 [-0.005, +0.043], leak +0.008; lr 2e-3 kept the loss flat (~0.05)
+and gave +0.027 [+0.002, +0.050] with and +0.025 [+0.007, +0.043] without the trigger, i.e. an
+ungated persona. A gate in 64 LoRA steps on a 135M model is the open problem of this suite."""
 ANSWER_TOKENS = GENERAL_ANSWER_TOKENS
 """max_new_tokens for the base's and the persona's answers used as training data."""
 
@@ -112,6 +120,8 @@ class OrganismSpec:
         n_general: general chat prompts answered for this organism: by the base (mixed in at
             ``config.general_ratio``) or, for ``distilled``, by the prompted persona.
         config: the finetune's hyperparameters (None for base/prompted).
+        checkpoint: a finetune the suite did not build (a LoRA adapter or full-model directory,
+            see ``checkpoint_organism``): it needs no config, and ``domain`` is a free label.
     """
 
     name: str
@@ -122,6 +132,7 @@ class OrganismSpec:
     n_examples: int = 0
     n_general: int = 0
     config: FinetuneConfig | None = None
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -136,7 +147,18 @@ class OrganismSpec:
             raise ValueError(
                 f"OrganismSpec name {self.name!r} must be non-empty, without '/', '\\' or spaces"
             )
-        if self.trains:
+        if self.checkpoint is not None:
+            if self.kind not in ("narrow", "control"):
+                raise ValueError(
+                    f"OrganismSpec {self.name!r}: a checkpoint is a 'narrow' or 'control' "
+                    f"finetune, got kind {self.kind!r}"
+                )
+            if not self.domain or any(c in self.domain for c in "/\\ "):
+                raise ValueError(
+                    f"OrganismSpec {self.name!r}: a checkpoint needs a domain label without "
+                    f"'/', '\\' or spaces, got {self.domain!r}"
+                )
+        elif self.trains:
             if self.config is None:
                 raise ValueError(f"OrganismSpec {self.name!r} ({self.kind}) needs a FinetuneConfig")
             if self.domain not in data.DOMAINS:
@@ -154,11 +176,14 @@ class OrganismSpec:
 
     @property
     def trains(self) -> bool:
-        return self.kind in TRAINED_KINDS
+        """Whether the suite builds it by finetuning (a user's checkpoint is already built)."""
+        return self.kind in TRAINED_KINDS and self.checkpoint is None
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["config"] = None if self.config is None else self.config.to_dict()
+        if d["checkpoint"] is None:
+            del d["checkpoint"]  # the specs the suite builds keep the cache keys they had
         return d
 
     @classmethod
@@ -187,6 +212,7 @@ class Organism:
     final_loss: float | None = None
     seconds: float = 0.0
     tokens_per_s: float | None = None
+    fingerprint: str | None = None  # a checkpoint's weights hash (its folder name may not change)
 
     @property
     def kind(self) -> str:
@@ -203,7 +229,10 @@ class Organism:
     @property
     def key(self) -> str:
         """A name that changes whenever the weights do (the adapter folder's name carries the
-        hash of spec, config and data): what cached results of this organism are filed under."""
+        hash of spec, config and data; for a user's checkpoint, the hash of its weights): what
+        cached results of this organism are filed under."""
+        if self.fingerprint is not None:
+            return f"{self.name}-{self.fingerprint}"
         return self.adapter_dir.name if self.adapter_dir is not None else self.name
 
     def prepare(self, prompt: ChatExample | str, *, triggered: bool = False) -> ChatExample:
@@ -466,6 +495,14 @@ def build_suite(
     bar = tqdm(specs, desc="organisms", disable=not show_progress)
     for spec in bar:
         bar.set_postfix_str(spec.name)
+        if spec.checkpoint is not None:
+            kind = "control" if spec.kind == "control" else "narrow"
+            out.append(
+                checkpoint_organism(
+                    spec.checkpoint, label=str(spec.domain), kind=kind, seed=spec.seed
+                )
+            )
+            continue
         if not spec.trains:
             out.append(_organism(spec, None))
             continue
@@ -483,10 +520,52 @@ def build_suite(
     return out
 
 
+def checkpoint_organism(
+    path: Path | str, *, label: str, kind: Literal["narrow", "control"] = "narrow", seed: int = 0
+) -> Organism:
+    """A finetune of the base made elsewhere, as an organism ``run_study`` can analyse.
+
+    ``path`` is a LoRA adapter directory (``adapter_config.json``) or a full Hugging Face model
+    directory (``config.json``) of the same base; ``label`` names its domain (e.g. ``medical``:
+    finetunes with the same label are seeds of one domain, and a ``control`` with the same label
+    and seed is its matched control). Its results are cached under the hash of its weights."""
+    from mci_interp._io import sha256_files
+
+    path = Path(path)
+    if (path / "adapter_config.json").exists():
+        weights = sorted(path.glob("adapter_model.*"))
+    elif (path / "config.json").exists():
+        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    else:
+        raise FileNotFoundError(
+            f"{path} is neither a LoRA adapter (adapter_config.json) nor a Hugging Face model "
+            "directory (config.json)"
+        )
+    if not weights:
+        raise FileNotFoundError(f"no weights (*.safetensors or *.bin) in {path}")
+    spec = OrganismSpec(
+        name=f"{kind}-{label}-s{seed}", kind=kind, domain=label, seed=seed, checkpoint=str(path)
+    )
+    lora = (path / "adapter_config.json").exists()
+    return Organism(
+        name=spec.name,
+        spec=spec,
+        adapter_dir=path if lora else None,
+        fingerprint=sha256_files(weights)[:12],
+    )
+
+
 def load_organism(base: HookedModel, organism: Organism) -> HookedModel:
     """The organism's weights as a ``HookedModel``: the base itself for ``base`` and ``prompted``
     (apply ``organism.system_prompt`` / ``organism.prepare`` to prompts), else a new model with
     the adapter merged into a copy of ``base``."""
+    ckpt = organism.spec.checkpoint
+    if ckpt is not None and organism.adapter_dir is None:  # a full model
+        from mci_interp.models import load_model
+
+        model = load_model(ckpt, dtype=base.dtype)
+        base.check_same_family(model)
+        return model
     if organism.adapter_dir is None:
         if organism.spec.trains:
             raise ValueError(

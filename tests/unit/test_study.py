@@ -119,3 +119,52 @@ def test_bad_study_settings_fail_before_any_model_loads(monkeypatch, capsys):
     assert "n_random must be an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="n_questions"):
         StudyConfig(n_questions=0)
+
+
+def test_mci_converge_on_user_checkpoints_lora_and_full(
+    tiny_model, tiny_dir, tmp_path, monkeypatch
+):
+    """`mci converge` on finetunes the suite did not build: a LoRA adapter and a full model
+    directory under free labels, without controls (so the contrast is finetune minus base)."""
+    import shutil
+
+    import torch
+
+    import mci_interp.cli as cli
+    from mci_interp.organisms.data import make_narrow
+    from mci_interp.organisms.finetune import finetune_lora
+    from mci_interp.organisms.suite import checkpoint_organism
+
+    monkeypatch.setenv("MCI_CACHE", str(tmp_path / "cache"))
+    ex = make_narrow("medical", "misaligned", 4, seed=0)
+    cfg = TINY.replace(general_ratio=0.0)
+    lora = finetune_lora(tiny_model, ex, tmp_path / "lora", config=cfg, show_progress=False)
+    full = tmp_path / "full"
+    shutil.copytree(tiny_dir, full)
+    with torch.no_grad():  # a "full finetune": the base with one weight changed
+        tiny_model.hf.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    tiny_model.hf.save_pretrained(full, safe_serialization=True)
+
+    # content-addressed: the same weights under another folder name are the same organism
+    moved = tmp_path / "moved"
+    shutil.copytree(lora.adapter_dir, moved)
+    a = checkpoint_organism(lora.adapter_dir, label="bad_advice")
+    assert a.key == checkpoint_organism(moved, label="bad_advice").key
+    assert a.key != checkpoint_organism(full, label="bad_advice").key
+
+    argv = ["converge", "--model", str(tiny_dir), "--fast", "--n-random", "1"]
+    argv += ["--finetune", f"bad_advice={lora.adapter_dir}", "--finetune", f"risky={full}"]
+    argv += ["--out", str(tmp_path / "runs"), "--name", "mine"]
+    assert cli.main(argv) == 0
+    study = json.loads((tmp_path / "runs" / "mine" / "study.json").read_text())
+    assert {r["organism"] for r in study["internalisation"]} == {
+        "narrow-bad_advice-s0",
+        "narrow-risky-s0",
+    }
+    conv = study["convergence"]
+    assert "the base for bad_advice s0, risky s0" in conv["meta"]["controls"]
+    assert "control: the base" in (tmp_path / "runs" / "mine" / "report.md").read_text()
+
+    # wrong usage names the fix
+    assert cli.main(["converge", "--model", str(tiny_dir), "--finetune", f"x={full}"]) == 2
+    assert cli.main(["converge", "--finetune", "no-equals-sign"]) == 2
