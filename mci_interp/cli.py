@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 log = logging.getLogger("mci_interp")
 
@@ -176,7 +177,7 @@ def cmd_demo(args) -> int:
     return _study_and_report(model, orgs, config, args, t_all, suffix, {"organism suite": t_org})
 
 
-def _checkpoints(items: list[str] | None, kind: str) -> list:
+def _checkpoints(items: list[str] | None, kind: Literal["narrow", "control"]) -> list:
     """``LABEL=PATH`` arguments -> checkpoint organisms; a label's n-th checkpoint is seed n."""
     from mci_interp.organisms.suite import checkpoint_organism
 

@@ -623,7 +623,7 @@ def run_study(
             dhash,
             show_progress,
         )
-        conv.meta["controls"] = (
+        controls = (
             "matched controls"
             if not unmatched
             else "the base for "
@@ -631,6 +631,7 @@ def run_study(
             + " (no matched control given: that contrast is finetune minus base and carries the "
             "finetune's task and format, like the naive cosines)"
         )
+        conv = dataclasses.replace(conv, meta={**conv.meta, "controls": controls})
     timings["convergence"] = time.perf_counter() - t0
 
     # 5. internalisation reports

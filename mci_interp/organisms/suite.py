@@ -496,7 +496,7 @@ def build_suite(
     for spec in bar:
         bar.set_postfix_str(spec.name)
         if spec.checkpoint is not None:
-            kind = "control" if spec.kind == "control" else "narrow"
+            kind: Literal["narrow", "control"] = "control" if spec.kind == "control" else "narrow"
             out.append(
                 checkpoint_organism(
                     spec.checkpoint, label=str(spec.domain), kind=kind, seed=spec.seed
