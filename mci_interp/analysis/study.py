@@ -507,13 +507,23 @@ def run_study(
 
     # 1. base records: default, persona prompt, trigger, in-domain
     t0 = time.perf_counter()
+    bar = tqdm(
+        total=2 + bool(trigger) + len(domains),
+        desc="base records",
+        unit="condition",
+        disable=not show_progress,
+        leave=False,
+    )
     base_rec = R.collect(base, "base", takeover=True)
+    bar.update()
     base_persona = R.collect(base, "base@persona", system=PERSONA_SYSTEM_PROMPT, takeover=True)
+    bar.update()
     # gate[name] = untriggered scores on the gate questions (trigger organisms and the base)
     gate: dict[str, Record] = {}
     base_trigger = None
     if trigger:
         base_trigger, gate["base"] = R.gate_records(base, "base", trigger)
+        bar.update()
 
     def _indomain_record(d: str) -> Record:
         return Record(
@@ -523,9 +533,11 @@ def run_study(
             indomain=R.scorer.score(base, R.indomain(d), show_progress=False),
         )
 
-    base_indomain = {
-        d: R.record(f"base@indomain:{d}", functools.partial(_indomain_record, d)) for d in domains
-    }
+    base_indomain = {}
+    for d in domains:
+        base_indomain[d] = R.record(f"base@indomain:{d}", functools.partial(_indomain_record, d))
+        bar.update()
+    bar.close()
     timings["base records"] = time.perf_counter() - t0
     assert base_rec.acts is not None and base_persona.acts is not None
     persona_vecs = (base_persona.acts.double() - base_rec.acts.double()).mean(0)  # [layers, d]
