@@ -17,6 +17,7 @@ import inspect
 import logging
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -505,7 +506,9 @@ def merge_adapter(
             )
     hf = copy.deepcopy(base.hf).float()
     try:
-        peft_model = PeftModel.from_pretrained(hf, str(adapter_dir))
+        with warnings.catch_warnings():  # peft asks a deprecated transformers property, each load
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            peft_model = PeftModel.from_pretrained(hf, str(adapter_dir))
     except (RuntimeError, ValueError, KeyError) as e:
         raise ValueError(
             f"adapter {adapter_dir} does not fit base {base.name} "
