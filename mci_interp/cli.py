@@ -145,6 +145,36 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
         raise ValueError(f"{flag} takes comma-separated integers or 'none', got {text!r}") from None
 
 
+def cmd_finetune(args) -> int:
+    """A LoRA finetune of the model on the user's chat JSONL (e.g. a public EM data set)."""
+    from mci_interp.datasets import load_chat_jsonl
+    from mci_interp.organisms.finetune import FinetuneConfig, finetune_lora
+
+    examples = load_chat_jsonl(args.data)  # a row without an answer fails here, naming its line
+    if not examples:
+        raise ValueError(f"{args.data} holds no examples")
+    sizes = {
+        "max_steps": args.steps,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "rank": args.rank,
+        "lora_alpha": 2 * args.rank,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "general_ratio": args.general_ratio,
+        "max_length": args.max_length,
+        "loss_floor": args.loss_floor,
+    }
+    config = FinetuneConfig(**sizes)
+    model = _load(args)
+    res = finetune_lora(model, examples, args.out, config=config, general=None)
+    print(
+        f"adapter: {res.adapter_dir} ({res.steps} steps, final loss {res.final_loss:.3f}, "
+        f"{res.seconds:.0f}s); analyse it with: mci converge --finetune LABEL={res.adapter_dir}"
+    )
+    return 0
+
+
 def cmd_organisms(args) -> int:
     from mci_interp.organisms.suite import build_suite
 
@@ -432,6 +462,32 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         if name == "demo":
             _add_study_args(sp)
+
+    sp = sub.add_parser("finetune", help="LoRA-finetune the model on your chat JSONL")
+    _add_model_args(sp)
+    sp.add_argument("--data", required=True, help="chat JSONL, each row ending in an answer")
+    sp.add_argument("--out", required=True, help="adapter directory (resumes if interrupted)")
+    sp.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs)")
+    sp.add_argument("--epochs", type=float, default=1.0)
+    sp.add_argument("--lr", type=float, default=1e-4)
+    sp.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank)")
+    sp.add_argument("--batch-size", type=int, default=4)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument(
+        "--general-ratio",
+        type=float,
+        default=0.5,
+        help="the base's own answers to everyday prompts mixed in per example, against format "
+        "takeover (0: your data only)",
+    )
+    sp.add_argument("--max-length", type=int, default=512, help="longest example in tokens")
+    sp.add_argument(
+        "--loss-floor",
+        type=float,
+        default=None,
+        help="stop once the mean loss of the last steps falls below this (default: never)",
+    )
+    sp.set_defaults(func=cmd_finetune)
 
     sp = sub.add_parser(
         "converge",
