@@ -533,16 +533,19 @@ def checkpoint_organism(
 
     path = Path(path)
     if (path / "adapter_config.json").exists():
-        weights = sorted(path.glob("adapter_model.*"))
+        weights = sorted(path.glob("adapter_model.safetensors"))
     elif (path / "config.json").exists():
-        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        weights = sorted(path.glob("*.safetensors"))
     else:
         raise FileNotFoundError(
             f"{path} is neither a LoRA adapter (adapter_config.json) nor a Hugging Face model "
             "directory (config.json)"
         )
-    if not weights:
-        raise FileNotFoundError(f"no weights (*.safetensors or *.bin) in {path}")
+    if not weights:  # checkpoints come from strangers: never unpickle one
+        raise FileNotFoundError(
+            f"no safetensors weights in {path}; pickled *.bin checkpoints are not loaded (convert "
+            "them with safetensors first)"
+        )
     spec = OrganismSpec(
         name=f"{kind}-{label}-s{seed}", kind=kind, domain=label, seed=seed, checkpoint=str(path)
     )
