@@ -532,7 +532,8 @@ def checkpoint_organism(
     from mci_interp._io import sha256_files
 
     path = Path(path)
-    if (path / "adapter_config.json").exists():
+    lora = (path / "adapter_config.json").exists()
+    if lora:
         weights = sorted(path.glob("adapter_model.safetensors"))
     elif (path / "config.json").exists():
         weights = sorted(path.glob("*.safetensors"))
@@ -549,12 +550,12 @@ def checkpoint_organism(
     spec = OrganismSpec(
         name=f"{kind}-{label}-s{seed}", kind=kind, domain=label, seed=seed, checkpoint=str(path)
     )
-    lora = (path / "adapter_config.json").exists()
+    config = path / ("adapter_config.json" if lora else "config.json")  # scaling, architecture
     return Organism(
         name=spec.name,
         spec=spec,
         adapter_dir=path if lora else None,
-        fingerprint=sha256_files(weights)[:12],
+        fingerprint=sha256_files([config, *weights])[:12],
     )
 
 
