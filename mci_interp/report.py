@@ -165,7 +165,9 @@ def write_report(
         "reported, not counted); fluency = no default shift, misaligned under an instruction or in its own "
         "domain; aligned = none. Shifts are at the last prompt token, before any answer token. 'Under its "
         "condition' is the organism under its condition minus the base (for a trigger: minus the base "
-        "reading the same trigger; for a domain: on in-domain questions).\n"
+        "reading the same trigger; for a domain: on in-domain questions). The trained personas' "
+        f"(trigger, distilled) behaviour and causal tests use {study.config.n_gate_questions} "
+        f"out-of-domain questions, the others {study.config.n_questions} (n in each cell).\n"
     )
     L.append(
         "| organism | expected | label | default shift (SD) [95% CI] | null95 | breadth | earliest layer | "

@@ -85,7 +85,9 @@ class StudyConfig:
     analysis_layer: int | None = None  # default: the middle block
     n_neutral_per_theme: int = 6
     n_questions: int = 14
-    n_gate_questions: int = 64  # trigger organisms' gate: small, so scored on more questions
+    # the trained personas' behaviour (the trigger gate and its leak, the distilled persona's
+    # default) and their causal tests: small effects, so scored on more questions
+    n_gate_questions: int = 64
     n_indomain: int = 12
     n_takeover: int = 8
     takeover_tokens: int = 32
@@ -338,11 +340,10 @@ class _Runner:
             show_progress=False,
         )
 
-    def gate_records(self, model: HookedModel, key: str, trigger: str) -> tuple[Record, Record]:
-        """(triggered, untriggered) records of ``model`` for a trigger gate: both scored on the
-        gate questions; the triggered one also holds the triggered activations."""
+    def gate_record(self, model: HookedModel, key: str) -> Record:
+        """``model`` (named ``key``) scored on the gate questions, no condition."""
 
-        def untriggered() -> Record:
+        def make() -> Record:
             return Record(
                 name=f"{key}@{self.gate_tag}",
                 acts=None,
@@ -350,10 +351,13 @@ class _Runner:
                 indomain=None,
             )
 
-        on = self.collect(
+        return self.record(f"{key}@{self.gate_tag}", make)
+
+    def triggered_record(self, model: HookedModel, key: str, trigger: str) -> Record:
+        """``model`` under ``trigger``: scored on the gate questions, with its activations."""
+        return self.collect(
             model, f"{key}@trigger:{self.gate_tag}", trigger=trigger, questions=self.gate_questions
         )
-        return on, self.record(f"{key}@{self.gate_tag}", untriggered)
 
     def causal_score(
         self,
@@ -508,7 +512,7 @@ def run_study(
     # 1. base records: default, persona prompt, trigger, in-domain
     t0 = time.perf_counter()
     bar = tqdm(
-        total=2 + bool(trigger) + len(domains),
+        total=3 + bool(trigger) + len(domains),
         desc="base records",
         unit="condition",
         disable=not show_progress,
@@ -518,11 +522,14 @@ def run_study(
     bar.update()
     base_persona = R.collect(base, "base@persona", system=PERSONA_SYSTEM_PROMPT, takeover=True)
     bar.update()
-    # gate[name] = untriggered scores on the gate questions (trigger organisms and the base)
+    # gate[name] = unconditioned scores on the gate questions (trained personas and the base)
     gate: dict[str, Record] = {}
     base_trigger = None
+    if any(o.spec.kind in _GATE_KINDS for o in organisms):
+        gate["base"] = R.gate_record(base, "base")
+    bar.update()
     if trigger:
-        base_trigger, gate["base"] = R.gate_records(base, "base", trigger)
+        base_trigger = R.triggered_record(base, "base", trigger)
         bar.update()
 
     def _indomain_record(d: str) -> Record:
@@ -572,20 +579,25 @@ def run_study(
             recs[org.name] = base_rec
             cond[org.name] = base_persona
             continue
+        on_gate, triggered = f"{org.key}@{R.gate_tag}", f"{org.key}@trigger:{R.gate_tag}"
         keys = [org.key]
-        if kind == "trigger":
-            keys += [f"{org.key}@trigger:{R.gate_tag}", f"{org.key}@{R.gate_tag}"]
+        keys += [on_gate] if kind in _GATE_KINDS else []
+        keys += [triggered] if kind == "trigger" else []
         got = {k: R.store.get(k) for k in keys}  # each stored record read once
         if any(v is None for v in got.values()):
             model = load_organism(base, org)
             dom = org.spec.domain if org.spec.domain in domains else None
             got[org.key] = R.collect(model, org.key, indomain=dom, takeover=True)
+            if kind in _GATE_KINDS:
+                got[on_gate] = R.gate_record(model, org.key)
             if kind == "trigger":
-                got[keys[1]], got[keys[2]] = R.gate_records(model, org.key, str(org.trigger))
+                got[triggered] = R.triggered_record(model, org.key, str(org.trigger))
             del model
         recs[org.name] = got[org.key]  # type: ignore[assignment]
+        if kind in _GATE_KINDS:
+            gate[org.name] = got[on_gate]  # type: ignore[assignment]
         if kind == "trigger":
-            cond[org.name], gate[org.name] = got[keys[1]], got[keys[2]]  # type: ignore[assignment]
+            cond[org.name] = got[triggered]  # type: ignore[assignment]
     timings["organism records"] = time.perf_counter() - t0
 
     # 3. behaviour: organism minus base, out of domain, default condition
@@ -710,6 +722,10 @@ def run_study(
     )
     write_json(out_dir / "study.json", study.to_dict())
     return study
+
+
+_GATE_KINDS = ("trigger", "distilled")
+"""The trained personas: their default behaviour and causal tests use the gate questions."""
 
 
 def _fingerprint(iv: Any) -> dict[str, Any]:
@@ -994,8 +1010,9 @@ def _internalisation(
         # gate questions, with and without the trigger
         cond_shift = standardised_shift(c.acts[:, L], base_trigger.acts[:, L], u)
         cond_beh = paired_difference(c.score, base_trigger.score)
-        default_beh = paired_difference(gate[org.name].score, gate["base"].score)
         base_eff = paired_difference(base_trigger.score, gate["base"].score)
+    if kind in _GATE_KINDS:  # a trained persona's default behaviour: on the gate questions
+        default_beh = paired_difference(gate[org.name].score, gate["base"].score)
     elif kind in ("narrow", "control") and org.spec.domain in base_indomain:
         condition_kind = "domain"
         cond_beh = paired_difference(rec.indomain, base_indomain[org.spec.domain].indomain)
@@ -1021,7 +1038,7 @@ def _internalisation(
     shift_present = default_shift.lo > 0 and default_shift.mean > null95
     # causal necessity needs misalignment to remove: only where the default score beats the base
     if shift_present and default_beh.lo > 0 and kind not in ("prompted", "base"):
-        if kind == "trigger":  # the leak was measured on the gate questions: remove it there
+        if kind in _GATE_KINDS:  # measured on the gate questions: removed there too
             report = _with_causal(
                 R, base, org, report, gate[org.name], gate["base"], persona, L, R.gate_questions
             )

@@ -58,6 +58,8 @@ def test_run_study_end_to_end_gate_questions_and_resume(
     assert trig.default_behaviour.n == 5
     assert trig.base_condition_effect is not None and trig.base_condition_effect.n == 5
     assert reps["narrow-medical-s0"].default_behaviour.n == 3
+    # the distilled persona's small default effect is measured on the gate questions too
+    assert reps["distilled-medical-s0"].default_behaviour.n == 5
     conv = study.convergence
     assert conv is not None
     tm = conv.transfer
