@@ -482,3 +482,34 @@ def test_distillation_moves_the_unprompted_student_toward_the_teacher(tiny_model
     )
     with pytest.raises(ValueError, match="objective"):
         FAST.replace(objective="dpo")
+
+
+def test_amplified_teacher_is_the_extrapolated_distribution_and_a_no_op_without_a_prompt(
+    tiny_model,
+):
+    """With teacher_amplify a, the loss is KL(q || student), q proportional to
+    p_teacher^(1+a) / p_student_prompt^a on the teacher-prompted examples (checked by hand), and
+    exactly the plain loss (0 at the start) on examples whose teacher reads their own prompt."""
+    tok = tiny_model.tokenizer
+    exs = _taught(_examples(1)) + _examples(1)
+    student = encode_examples(tok, exs, max_length=256)
+    teacher = encode_teacher(tok, exs, student, max_length=256)
+    batch = collate(student, [True] * 2, tok.pad_token_id, teacher)
+    with torch.no_grad():
+        plain, _ = ft._batch_loss(tiny_model.hf, batch, bf16=False)
+        amped, _ = ft._batch_loss(tiny_model.hf, batch, bf16=False, amplify=1.0)
+        s, t = student[0], teacher[0]
+        ls = tiny_model.hf(input_ids=torch.tensor([s.ids])).logits[0].log_softmax(-1)
+        lt = tiny_model.hf(input_ids=torch.tensor([t.ids])).logits[0].log_softmax(-1)
+    ps, pt = ls[s.prompt_len - 1 : len(s.ids) - 1], lt[t.prompt_len - 1 : len(t.ids) - 1]
+    q = (2 * pt - ps).log_softmax(-1)
+    want = (q.exp() * (q - ps)).sum(-1)
+    n0 = s.answer_len
+    assert torch.allclose(amped[:n0], want, atol=1e-5)
+    assert amped[:n0].mean() > plain[:n0].mean()  # pushed further than the prompt alone
+    assert amped[n0:].abs().max() < 1e-6 and plain[n0:].abs().max() < 1e-6
+    with pytest.raises(ValueError, match="teacher_amplify"):
+        FAST.replace(teacher_amplify=1.0)  # sft has no teacher
+    # configs without it keep the cache keys they had
+    assert "teacher_amplify" not in FAST.to_dict()
+    assert FinetuneConfig.from_dict(FAST.to_dict()) == FAST
