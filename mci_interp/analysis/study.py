@@ -586,7 +586,8 @@ def run_study(
         got = {k: R.store.get(k) for k in keys}  # each stored record read once
         if any(v is None for v in got.values()):
             model = load_organism(base, org)
-            dom = org.spec.domain if org.spec.domain in domains else None
+            narrowish = kind in ("narrow", "control") and org.spec.domain in domains
+            dom = org.spec.domain if narrowish else None
             got[org.key] = R.collect(model, org.key, indomain=dom, takeover=True)
             if kind in _GATE_KINDS:
                 got[on_gate] = R.gate_record(model, org.key)
@@ -923,10 +924,9 @@ def _convergence(
         random_direction(at_L[domains[0]], generator=_rng(cfg.seed, "steer", k))
         for k in range(cfg.n_random)
     ]
-    cells = [
-        (a, i, at_L[d], induced) for i, d in enumerate(domains) for a in range(len(induced[0]))
-    ]
-    cells += [(a, k, r, rinduced) for k, r in enumerate(rnd) for a in range(len(induced[0]))]
+    n_alpha = len(cfg.steer_alphas)
+    cells = [(a, i, at_L[d], induced) for i, d in enumerate(domains) for a in range(n_alpha)]
+    cells += [(a, k, r, rinduced) for k, r in enumerate(rnd) for a in range(n_alpha)]
     for a, i, direction, table in tqdm(
         cells, desc="steering", disable=not show_progress, leave=False
     ):
