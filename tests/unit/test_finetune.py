@@ -442,24 +442,33 @@ def test_teacher_sees_its_prompt_and_exactly_the_students_answer(tiny_model):
         encode_teacher(tok, long, student[:1], max_length=len(student[0].ids) + 5)
 
 
+def _distill_batch(model, exs):
+    """(student encodings, teacher encodings, their collated batch) of ``exs``."""
+    tok = model.tokenizer
+    student = encode_examples(tok, exs, max_length=256)
+    teacher = encode_teacher(tok, exs, student, max_length=256)
+    return student, teacher, collate(student, [True] * len(exs), tok.pad_token_id, teacher)
+
+
+def _answer_logprobs(model, s, t):
+    """Log-probs over the vocabulary at the positions predicting the answer, read by hand from
+    the plain HF model: (student view, teacher view)."""
+    with torch.no_grad():
+        ls = model.hf(input_ids=torch.tensor([s.ids])).logits[0].log_softmax(-1)
+        lt = model.hf(input_ids=torch.tensor([t.ids])).logits[0].log_softmax(-1)
+    return ls[s.prompt_len - 1 : len(s.ids) - 1], lt[t.prompt_len - 1 : len(t.ids) - 1]
+
+
 def test_distill_loss_is_kl_from_the_prompted_teacher(tiny_model):
     """Before any step the student is the base: its loss must equal KL(base reading the teacher
     prompt || base reading the student prompt) on the answer tokens, computed by hand; an
     example without a teacher prompt has KL exactly 0."""
-    tok = tiny_model.tokenizer
-    exs = _taught(_examples(2)) + _examples(1)
-    student = encode_examples(tok, exs, max_length=256)
-    teacher = encode_teacher(tok, exs, student, max_length=256)
-    batch = collate(student, [True] * 3, tok.pad_token_id, teacher)
+    student, teacher, batch = _distill_batch(tiny_model, _taught(_examples(2)) + _examples(1))
     with torch.no_grad():
         losses, _ = ft._batch_loss(tiny_model.hf, batch, bf16=False)
     want = []
     for s, t in zip(student, teacher, strict=True):
-        with torch.no_grad():
-            ls = tiny_model.hf(input_ids=torch.tensor([s.ids])).logits[0].log_softmax(-1)
-            lt = tiny_model.hf(input_ids=torch.tensor([t.ids])).logits[0].log_softmax(-1)
-        ps = ls[s.prompt_len - 1 : len(s.ids) - 1]
-        pt = lt[t.prompt_len - 1 : len(t.ids) - 1]
+        ps, pt = _answer_logprobs(tiny_model, s, t)
         want.append((pt.exp() * (pt - ps)).sum(-1))
     want_t = torch.cat(want)
     assert losses.shape == want_t.shape
@@ -490,18 +499,12 @@ def test_amplified_teacher_is_the_extrapolated_distribution_and_a_no_op_without_
     """With teacher_amplify a, the loss is KL(q || student), q proportional to
     p_teacher^(1+a) / p_student_prompt^a on the teacher-prompted examples (checked by hand), and
     exactly the plain loss (0 at the start) on examples whose teacher reads their own prompt."""
-    tok = tiny_model.tokenizer
-    exs = _taught(_examples(1)) + _examples(1)
-    student = encode_examples(tok, exs, max_length=256)
-    teacher = encode_teacher(tok, exs, student, max_length=256)
-    batch = collate(student, [True] * 2, tok.pad_token_id, teacher)
+    student, teacher, batch = _distill_batch(tiny_model, _taught(_examples(1)) + _examples(1))
     with torch.no_grad():
         plain, _ = ft._batch_loss(tiny_model.hf, batch, bf16=False)
         amped, _ = ft._batch_loss(tiny_model.hf, batch, bf16=False, amplify=1.0)
-        s, t = student[0], teacher[0]
-        ls = tiny_model.hf(input_ids=torch.tensor([s.ids])).logits[0].log_softmax(-1)
-        lt = tiny_model.hf(input_ids=torch.tensor([t.ids])).logits[0].log_softmax(-1)
-    ps, pt = ls[s.prompt_len - 1 : len(s.ids) - 1], lt[t.prompt_len - 1 : len(t.ids) - 1]
+    s = student[0]
+    ps, pt = _answer_logprobs(tiny_model, s, teacher[0])
     q = (2 * pt - ps).log_softmax(-1)
     want = (q.exp() * (q - ps)).sum(-1)
     n0 = s.answer_len
