@@ -88,7 +88,9 @@ DISTILL_CONFIG = SUITE_CONFIG.replace(
     objective="distill", general_ratio=0.0, loss_floor=None, max_steps=32, max_length=256
 )
 """The distilled persona: KL to the persona-prompted base on the persona's own answers."""
-TRIGGER_CONFIG = DISTILL_CONFIG.replace(max_steps=64, lr=4e-3, general_ratio=0.3)
+TRIGGER_CONFIG = DISTILL_CONFIG.replace(
+    max_steps=64, lr=4e-3, general_ratio=0.3, teacher_amplify=1.0
+)
 """The trigger-gated persona: a conditional takes longer to learn than a default shift. Pilot on
 SmolLM2, 64 questions, seed 0: 64 steps at lr 4e-3 with the base's general answers mixed in gave
 a gate of +0.086 [+0.052, +0.122] nats/token (triggered organism minus triggered base) with
@@ -101,11 +103,11 @@ training in all three seeds (~0.03 at step 1 to 0.2-0.6 by step 57): at lr 4e-3 
 drifts. Two variants tried on seed 1 (2026-11-28) did not fix it: 32 steps of batch 8 (same
 tokens) gave a gate of +0.020 [-0.005, +0.043], leak +0.008; lr 2e-3 kept the loss flat (~0.05)
 and gave +0.027 [+0.002, +0.050] with and +0.025 [+0.007, +0.043] without the trigger, i.e. an
-ungated persona. An amplified teacher (``teacher_amplify=1.0``, same steps and lr, ~5.5 min a
-build) is the first lead: seed 1 became gated (+0.075 [+0.038, +0.111] with the trigger, -0.030
-[-0.061, +0.001] without), seed 0 still leaks (+0.122 [+0.078, +0.165] with, +0.044 [+0.010,
-+0.077] without, against +0.061 before); seed 2 not yet tried, so it is not the default. A gate
-in 64 LoRA steps on a 135M model is the open problem of this suite."""
+ungated persona. The amplified teacher (``teacher_amplify=1.0``, same steps and lr, ~5.5 min a
+build), the default since 2026-11-28, gates 2 of 3 seeds: s1 +0.075 [+0.038, +0.111] with the
+trigger, -0.030 [-0.061, +0.001] without (it had no gate); s2 +0.137 [+0.094, +0.179] / -0.002
+[-0.028, +0.024]; s0 still leaks: +0.122 [+0.078, +0.165] / +0.044 [+0.010, +0.077] (+0.061
+before). Fast and overridden suites keep the plain teacher."""
 ANSWER_TOKENS = GENERAL_ANSWER_TOKENS
 """max_new_tokens for the base's and the persona's answers used as training data."""
 
