@@ -584,14 +584,15 @@ def run_study(
         keys += [on_gate] if kind in _GATE_KINDS else []
         keys += [triggered] if kind == "trigger" else []
         got = {k: R.store.get(k) for k in keys}  # each stored record read once
-        if any(v is None for v in got.values()):
+        if any(v is None for v in got.values()):  # compute only the missing ones
             model = load_organism(base, org)
             narrowish = kind in ("narrow", "control") and org.spec.domain in domains
             dom = org.spec.domain if narrowish else None
-            got[org.key] = R.collect(model, org.key, indomain=dom, takeover=True)
-            if kind in _GATE_KINDS:
+            if got[org.key] is None:
+                got[org.key] = R.collect(model, org.key, indomain=dom, takeover=True)
+            if kind in _GATE_KINDS and got[on_gate] is None:
                 got[on_gate] = R.gate_record(model, org.key)
-            if kind == "trigger":
+            if kind == "trigger" and got[triggered] is None:
                 got[triggered] = R.triggered_record(model, org.key, str(org.trigger))
             del model
         recs[org.name] = got[org.key]  # type: ignore[assignment]
