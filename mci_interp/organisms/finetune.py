@@ -266,13 +266,26 @@ class FinetuneResult:
 class TrainBatch:
     """One padded micro-batch. ``labels`` equal ``input_ids`` on answer tokens and are -100 on
     prompt and padding tokens; ``narrow`` marks rows that are narrow (not general) examples;
-    ``teacher`` (distillation only) holds the same answers behind the teacher's prompts."""
+    ``teacher_rows`` (distillation only) marks the rows whose teacher reads another prompt, and
+    ``teacher`` holds those rows' answers behind their teacher's prompts (None when no row has
+    one: every teacher then reads the student's own prompt)."""
 
     input_ids: Int[Tensor, "batch pos"]
     attention_mask: Int[Tensor, "batch pos"]
     labels: Int[Tensor, "batch pos"]
     narrow: Tensor
     teacher: TrainBatch | None = None
+    teacher_rows: Tensor | None = None
+
+    def rows(self, keep: Tensor) -> TrainBatch:
+        """The rows where ``keep`` is True, trimmed to their longest (right padding)."""
+        width = int(self.attention_mask[keep].sum(-1).max())
+        return TrainBatch(
+            self.input_ids[keep, :width],
+            self.attention_mask[keep, :width],
+            self.labels[keep, :width],
+            self.narrow[keep],
+        )
 
     @property
     def n_tokens(self) -> int:
@@ -343,13 +356,21 @@ def collate(
     pad_id: int,
     teacher: Sequence[Encoded] | None = None,
 ) -> TrainBatch:
-    """Right-pad to the longest example of this batch; mask everything but answer tokens."""
+    """Right-pad to the longest example of this batch; mask everything but answer tokens. With
+    ``teacher`` (``encode_teacher``), the rows whose teacher reads another prompt get a teacher
+    batch of their own; the others need no second encoding."""
     ids, mask = pad([e.ids for e in encoded], pad_id, side="right")
     labels = torch.full_like(ids, -100)
     for r, e in enumerate(encoded):
         labels[r, e.prompt_len : len(e.ids)] = ids[r, e.prompt_len : len(e.ids)]
-    t = None if teacher is None else collate(teacher, narrow, pad_id)
-    return TrainBatch(ids, mask, labels, torch.tensor(list(narrow), dtype=torch.bool), t)
+    is_narrow = torch.tensor(list(narrow), dtype=torch.bool)
+    if teacher is None:
+        return TrainBatch(ids, mask, labels, is_narrow)
+    own = [t == e for t, e in zip(teacher, encoded, strict=True)]
+    other = [r for r, o in enumerate(own) if not o]
+    t = collate([teacher[r] for r in other], [narrow[r] for r in other], pad_id) if other else None
+    rows = torch.tensor([not o for o in own], dtype=torch.bool)
+    return TrainBatch(ids, mask, labels, is_narrow, t, rows)
 
 
 def _pool(
@@ -611,8 +632,12 @@ def _batch_loss(
     model: Any, batch: TrainBatch, bf16: bool, amplify: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """Per-token losses on answer tokens and whether each is narrow: cross-entropy, or with
-    ``batch.teacher`` KL(teacher || student), the teacher being the adapter-free model (a plain,
-    non-peft ``model`` is its own teacher), amplified by ``amplify`` (module docstring)."""
+    ``batch.teacher_rows`` KL(teacher || student), the teacher being the adapter-free model (a
+    plain, non-peft ``model`` is its own teacher), amplified by ``amplify`` (module docstring).
+
+    The adapter-free model reading the student's own prompt is run only on the rows that need
+    it: those whose teacher reads that prompt and, with ``amplify``, the rest (for the
+    amplification); the teacher's prompt only on the rows that have one."""
     peft = hasattr(model, "disable_adapter")
     lm = model.get_base_model() if peft else model
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -620,17 +645,25 @@ def _batch_loss(
     sel = targets != -100
     with ctx:
         logits = _answer_logits(lm, batch)
-        if batch.teacher is not None:
+        if batch.teacher_rows is not None:
+            other = batch.teacher_rows
+            token_row = sel.nonzero()[:, 0]  # the row of each answer token, row-major like logits
+            t_logp = torch.empty_like(logits)
+            plain = torch.ones_like(other) if amplify else ~other
             with torch.no_grad(), model.disable_adapter() if peft else contextlib.nullcontext():
-                teacher = _answer_logits(lm, batch.teacher)
-                if amplify:
-                    plain = torch.log_softmax(_answer_logits(lm, batch), dim=-1)
-                    teacher = torch.log_softmax(teacher, dim=-1)
-                    teacher = teacher + amplify * (teacher - plain)
-    if batch.teacher is None:
+                if plain.any():
+                    t_logp[plain[token_row]] = torch.log_softmax(
+                        _answer_logits(lm, batch.rows(plain)), dim=-1
+                    )
+                if batch.teacher is not None:
+                    at = other[token_row]
+                    prompted = torch.log_softmax(_answer_logits(lm, batch.teacher), dim=-1)
+                    if amplify:
+                        prompted = prompted + amplify * (prompted - t_logp[at])
+                    t_logp[at] = torch.log_softmax(prompted, dim=-1)
+    if batch.teacher_rows is None:
         losses = torch.nn.functional.cross_entropy(logits, targets[sel], reduction="none")
     else:
-        t_logp = torch.log_softmax(teacher, dim=-1)
         s_logp = torch.log_softmax(logits, dim=-1)
         losses = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
     narrow = batch.narrow[:, None].expand_as(targets)[sel]

@@ -511,6 +511,20 @@ def test_amplified_teacher_is_the_extrapolated_distribution_and_a_no_op_without_
     assert torch.allclose(amped[:n0], want, atol=1e-5)
     assert amped[:n0].mean() > plain[:n0].mean()  # pushed further than the prompt alone
     assert amped[n0:].abs().max() < 1e-6 and plain[n0:].abs().max() < 1e-6
+    # the adapter-free model reads each prompt only where it is needed
+    rows: list[int] = []
+    hook = tiny_model.hf.model.register_forward_pre_hook(
+        lambda _m, _a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            ft._batch_loss(tiny_model.hf, batch, bf16=False)
+            assert rows == [2, 1, 1]  # student; plain for the untaught row; the teacher prompt
+            rows.clear()
+            ft._batch_loss(tiny_model.hf, batch, bf16=False, amplify=1.0)
+            assert rows == [2, 2, 1]  # amplifying needs the plain view of the taught row too
+    finally:
+        hook.remove()
     with pytest.raises(ValueError, match="teacher_amplify"):
         FAST.replace(teacher_amplify=1.0)  # sft has no teacher
     # configs without it keep the cache keys they had
