@@ -98,7 +98,9 @@ class FinetuneConfig:
         rank, lora_alpha, dropout, target_modules: the LoRA adapter (default: rank 8 on every
             linear projection of a Llama/Qwen block).
         lr: peak learning rate (AdamW), reached after ``warmup_steps`` linear warm-up steps and
-            then held constant (so extending ``max_steps`` continues the same schedule).
+            then held constant (so extending ``max_steps`` continues the same schedule), or with
+            ``lr_decay`` brought down linearly to 0 at the last step (such a run cannot be
+            extended: its length is part of its schedule).
         epochs: passes over the (mixed) training pool; ignored when ``max_steps`` is set.
         max_steps: optimizer steps to run (overrides ``epochs``).
         batch_size, grad_accum: examples per micro-batch, micro-batches per optimizer step.
@@ -137,6 +139,7 @@ class FinetuneConfig:
     max_grad_norm: float | None = 1.0
     objective: str = "sft"
     teacher_amplify: float = 0.0
+    lr_decay: bool = False
 
     def __post_init__(self) -> None:
         def positive(name: str, integer: bool) -> None:
@@ -189,6 +192,8 @@ class FinetuneConfig:
         d["target_modules"] = list(self.target_modules)
         if not d["teacher_amplify"]:
             del d["teacher_amplify"]  # added later: configs without it keep their cache keys
+        if not d["lr_decay"]:
+            del d["lr_decay"]  # likewise
         return d
 
     @classmethod
@@ -577,7 +582,7 @@ def _check_same_run(
     old = FinetuneConfig.from_dict(meta["config"]).to_dict()
     new = config.to_dict()
     for name in new:
-        if name in _STOP_FIELDS:
+        if name in _STOP_FIELDS and not (config.lr_decay and name != "loss_floor"):
             continue
         if old[name] != new[name]:
             raise ValueError(
@@ -670,9 +675,11 @@ def _batch_loss(
     return losses, narrow
 
 
-def _lr_at(step: int, config: FinetuneConfig) -> float:
+def _lr_at(step: int, config: FinetuneConfig, n_steps: int) -> float:
     if config.warmup_steps and step < config.warmup_steps:
         return config.lr * (step + 1) / (config.warmup_steps + 1)
+    if config.lr_decay:
+        return config.lr * (n_steps - step) / max(n_steps - config.warmup_steps, 1)
     return config.lr
 
 
@@ -859,7 +866,7 @@ def _train(
             t0 = time.perf_counter()
             batches = micro_batches(step)
             n_answer = sum(b.n_answer_tokens for b in batches)
-            lr = _lr_at(step, config)
+            lr = _lr_at(step, config, n_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)

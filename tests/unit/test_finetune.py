@@ -195,10 +195,10 @@ def test_resume_after_crash_equals_uninterrupted(tiny_model, tmp_path, monkeypat
     cfg = FAST.replace(max_steps=4)
     real = ft._lr_at
 
-    def crash_at_step_4(step, config):
+    def crash_at_step_4(step, config, n_steps):
         if step == 3:
             raise KeyboardInterrupt
-        return real(step, config)
+        return real(step, config, n_steps)
 
     monkeypatch.setattr(ft, "_lr_at", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
@@ -248,6 +248,22 @@ def test_resume_with_a_different_config_names_the_field(tiny_model, tmp_path):
         )
     with pytest.raises(ValueError, match="data"):
         finetune_lora(tiny_model, _examples(5), tmp_path / "r", config=FAST, show_progress=False)
+
+
+def test_lr_decay_reaches_zero_and_fixes_the_run_length(tiny_model, tmp_path):
+    cfg = FAST.replace(max_steps=6, warmup_steps=2, lr_decay=True)
+    lrs = [ft._lr_at(s, cfg, 6) for s in range(6)]
+    assert lrs[:2] == pytest.approx([cfg.lr / 3, 2 * cfg.lr / 3])  # warm-up as before
+    assert lrs[2] == pytest.approx(cfg.lr) and lrs[-1] == pytest.approx(cfg.lr / 4)
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+    assert [ft._lr_at(s, FAST, 6) for s in range(2, 6)] == [FAST.lr] * 4  # constant by default
+    assert "lr_decay" not in FAST.to_dict()  # configs without it keep their cache keys
+    kw = dict(keep_checkpoint=True, show_progress=False)
+    finetune_lora(tiny_model, _examples(), tmp_path / "r", config=cfg.replace(max_steps=2), **kw)
+    with pytest.raises(ValueError, match="max_steps=2.*max_steps=4"):  # its schedule changed
+        finetune_lora(
+            tiny_model, _examples(), tmp_path / "r", config=cfg.replace(max_steps=4), **kw
+        )
 
 
 def test_finished_run_is_reused(tiny_model, tmp_path, monkeypatch):
