@@ -230,7 +230,7 @@ def _checkpoints(items: list[str] | None, kind: Literal["narrow", "control"]) ->
 
 def cmd_converge(args) -> int:
     """The convergence test and T2/T5 reports on the user's own finetunes of one base."""
-    from mci_interp.organisms.suite import Organism, OrganismSpec
+    from mci_interp.organisms.suite import base_organism
 
     t_all = time.perf_counter()
     config = _study_config(args)
@@ -256,8 +256,9 @@ def cmd_converge(args) -> int:
             file=sys.stderr,
         )
     model = _load(args)
-    base = Organism(name="base", spec=OrganismSpec(name="base", kind="base"))
-    return _study_and_report(model, [base, *narrow, *control], config, args, t_all, "-converge", {})
+    return _study_and_report(
+        model, [base_organism(), *narrow, *control], config, args, t_all, "-converge", {}
+    )
 
 
 def _study_and_report(model, orgs, config, args, t_all, suffix, timings) -> int:

@@ -72,7 +72,7 @@ from mci_interp.organisms.data import (
     make_narrow,
     matches_domain,
 )
-from mci_interp.organisms.suite import Organism, OrganismSpec, load_organism
+from mci_interp.organisms.suite import Organism, base_organism, load_organism
 from mci_interp.sites import Site
 
 log = logging.getLogger(__name__)
@@ -629,9 +629,8 @@ def run_study(
     # finetune minus base, which carries its task and format (the report says so)
     unmatched = sorted(k for k in narrow if k not in control)
     if unmatched:
-        base_org = Organism(name="base", spec=OrganismSpec(name="base", kind="base"))
         recs.setdefault("base", base_rec)
-        control |= {k: base_org for k in unmatched}
+        control |= {k: base_organism() for k in unmatched}
     paired = sorted(narrow)
     conv_domains = sorted({str(d) for d, _ in paired})
     if len(conv_domains) >= 2:

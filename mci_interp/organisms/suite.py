@@ -321,7 +321,7 @@ def default_suite(
     n = n_examples or (FAST_N_EXAMPLES if fast else SUITE_N_EXAMPLES)
     n_gen = n_general if n_general is not None else (FAST_N_GENERAL if fast else SUITE_N_GENERAL)
     specs = [
-        OrganismSpec(name="base", kind="base", expected="aligned"),
+        base_organism().spec,
         OrganismSpec(name="prompted-persona", kind="prompted", expected="fluency"),
     ]
     for seed in seeds:
@@ -563,6 +563,11 @@ def checkpoint_organism(
         adapter_dir=path if lora else None,
         fingerprint=sha256_files([config, *weights])[:12],
     )
+
+
+def base_organism() -> Organism:
+    """The unchanged base as an organism (what a finetune without a control is compared with)."""
+    return Organism(name="base", spec=OrganismSpec(name="base", kind="base", expected="aligned"))
 
 
 def load_organism(base: HookedModel, organism: Organism) -> HookedModel:
