@@ -89,7 +89,7 @@ DISTILL_CONFIG = SUITE_CONFIG.replace(
 )
 """The distilled persona: KL to the persona-prompted base on the persona's own answers."""
 TRIGGER_CONFIG = DISTILL_CONFIG.replace(
-    max_steps=64, lr=4e-3, general_ratio=0.3, teacher_amplify=1.0
+    max_steps=64, lr=4e-3, general_ratio=0.3, teacher_amplify=1.0, lr_decay=True
 )
 """The trigger-gated persona: a conditional takes longer to learn than a default shift. Pilot on
 SmolLM2, 64 questions, seed 0: 64 steps at lr 4e-3 with the base's general answers mixed in gave
@@ -107,7 +107,14 @@ ungated persona. The amplified teacher (``teacher_amplify=1.0``, same steps and 
 build), the default since 2026-11-28, gates 2 of 3 seeds: s1 +0.075 [+0.038, +0.111] with the
 trigger, -0.030 [-0.061, +0.001] without (it had no gate); s2 +0.137 [+0.094, +0.179] / -0.002
 [-0.028, +0.024]; s0 still leaks: +0.122 [+0.078, +0.165] / +0.044 [+0.010, +0.077] (+0.061
-before). Fast and overridden suites keep the plain teacher."""
+before). Fast and overridden suites keep the plain teacher.
+
+Since 2026-12-01 the lr decays linearly to 0 over the 64 steps (``lr_decay``), which gates all
+three seeds (64 questions, gate / leak): s0 +0.072 [+0.037, +0.106] / -0.001 [-0.020, +0.017],
+s1 +0.079 [+0.046, +0.110] / +0.013 [-0.005, +0.030], s2 +0.096 [+0.062, +0.127] / +0.011
+[-0.009, +0.032]. The final KL is 0.12-0.15 against 0.29 at a constant lr (s0, whose gate was
++0.122 but leaked +0.044 [+0.010, +0.077]): the drift of the constant lr was what leaked. A
+build takes ~190 s on an idle machine."""
 ANSWER_TOKENS = GENERAL_ANSWER_TOKENS
 """max_new_tokens for the base's and the persona's answers used as training data."""
 
