@@ -171,7 +171,7 @@ def write_report(
     )
     L.append(
         "| organism | expected | label | default shift (SD) [95% CI] | null95 | breadth | earliest layer | "
-        "OOD score - base | under its condition | causal share (random max; rank p) |"
+        "OOD score - base | under its condition | causal share (random max; rank p, z) |"
     )
     L.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in study.internalisation:
@@ -179,7 +179,9 @@ def write_report(
             ""
             if r.causal is None
             else f"{r.causal.share_removed:+.0%} ({max(r.causal.random_shares, default=float('nan')):+.0%}; "
-            f"p = {r.causal.p_value:.2f})"
+            f"p = {r.causal.p_value:.2f}"
+            + ("" if r.causal.z_score is None else f", z = {r.causal.z_score:.1f}")
+            + ")"
         )
         cb = (
             ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_provenance
 
@@ -231,3 +232,9 @@ def test_causal_rank_p_value_counts_random_directions_at_least_as_strong():
     assert CausalTest(share_removed=0.2, random_shares=(0.1, 0.2, 0.3), gap=0.1).p_value == 0.75
     many = CausalTest(share_removed=0.9, random_shares=tuple([0.0] * 19), gap=0.1)
     assert many.p_value == 0.05 and many.beats_random
+    # z: the share against the random shares' mean and sample SD (0.2, 0.1 here)
+    assert CausalTest(share_removed=0.9, random_shares=(0.1, 0.2, 0.3), gap=0.1).z_score == (
+        pytest.approx(7.0)
+    )
+    assert many.z_score is None  # no spread
+    assert CausalTest(share_removed=0.9, random_shares=(0.1,), gap=0.1).z_score is None
