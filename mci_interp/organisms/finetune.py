@@ -117,7 +117,7 @@ class FinetuneConfig:
             ``"distill"`` the losses logged and compared with ``loss_floor`` are KL in nats/token.
         teacher_amplify: with ``"distill"``, how far past its prompt's effect the teacher is
             pushed (0: the plain teacher; see the module docstring). Costs one more
-            adapter-free forward per step.
+            adapter-free forward of the rows whose teacher reads another prompt.
     """
 
     rank: int = 8
