@@ -164,6 +164,7 @@ def cmd_finetune(args) -> int:
         "general_ratio": args.general_ratio,
         "max_length": args.max_length,
         "loss_floor": args.loss_floor,
+        "lr_decay": args.lr_decay,
     }
     config = FinetuneConfig(**sizes)
     model = _load(args)
@@ -487,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="stop once the mean loss of the last steps falls below this (default: never)",
+    )
+    sp.add_argument(
+        "--lr-decay",
+        action="store_true",
+        help="decay the lr linearly to 0 at the last step (default: constant after warm-up)",
     )
     sp.set_defaults(func=cmd_finetune)
 

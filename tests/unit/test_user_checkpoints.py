@@ -25,9 +25,10 @@ def test_mci_finetune_then_converge_on_lora_and_full_checkpoints(
     data = _write_jsonl(tmp_path / "train.jsonl", make_narrow("medical", "misaligned", 4, seed=0))
     lora = tmp_path / "lora"
     argv = ["finetune", "--model", str(tiny_dir), "--data", str(data), "--out", str(lora)]
-    argv += ["--steps", "2", "--lr", "1e-2", "--rank", "2", "--general-ratio", "0"]
+    argv += ["--steps", "2", "--lr", "1e-2", "--rank", "2", "--general-ratio", "0", "--lr-decay"]
     assert cli.main(argv) == 0
     assert (lora / "adapter_config.json").exists()
+    assert json.loads((lora / "mci_organism.json").read_text())["config"]["lr_decay"] is True
     assert "mci converge --finetune LABEL=" in capsys.readouterr().out
 
     full = tmp_path / "full"
