@@ -179,9 +179,7 @@ def write_report(
             ""
             if r.causal is None
             else f"{r.causal.share_removed:+.0%} ({max(r.causal.random_shares, default=float('nan')):+.0%}; "
-            f"p = {r.causal.p_value:.2f}"
-            + ("" if r.causal.z_score is None else f", z = {r.causal.z_score:.1f}")
-            + ")"
+            f"p = {r.causal.p_value:.2f}{r.causal.z_text()})"
         )
         cb = (
             ""

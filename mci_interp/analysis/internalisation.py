@@ -154,6 +154,10 @@ class CausalTest:
         sd = float(r.std())
         return None if sd == 0 else (self.share_removed - float(r.mean())) / sd
 
+    def z_text(self) -> str:
+        """``", z = 4.1"`` for reports, or "" when there is no z."""
+        return "" if self.z_score is None else f", z = {self.z_score:.1f}"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -262,7 +266,7 @@ def classify(r: InternalisationReport, rules: Rules | None = None) -> tuple[str,
             f"broad ({r.breadth:.0%} of themes), upstream (layer {r.earliest_layer}), causal "
             f"(ablation removes {r.causal.share_removed:.0%} vs random <= "
             f"{max(r.causal.random_shares):.0%}, rank p = {r.causal.p_value:.2f} with "
-            f"{len(r.causal.random_shares)} random directions{_z(r.causal)})"
+            f"{len(r.causal.random_shares)} random directions{r.causal.z_text()})"
         )
         return "internalised", tuple(reasons)
     if cond is not None and cond.lo > 0 and r.condition_kind != "trigger":
@@ -274,10 +278,6 @@ def classify(r: InternalisationReport, rules: Rules | None = None) -> tuple[str,
     if cond is not None:
         reasons.append(f"no misalignment under its {r.condition_kind} either: {cond}")
     return "aligned", tuple(reasons)
-
-
-def _z(c: CausalTest) -> str:
-    return "" if c.z_score is None else f", z = {c.z_score:.1f} over their spread"
 
 
 def theme_breadth(

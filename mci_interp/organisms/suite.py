@@ -107,7 +107,7 @@ ungated persona. The amplified teacher (``teacher_amplify=1.0``, same steps and 
 build), the default since 2026-11-28, gates 2 of 3 seeds: s1 +0.075 [+0.038, +0.111] with the
 trigger, -0.030 [-0.061, +0.001] without (it had no gate); s2 +0.137 [+0.094, +0.179] / -0.002
 [-0.028, +0.024]; s0 still leaks: +0.122 [+0.078, +0.165] / +0.044 [+0.010, +0.077] (+0.061
-before). Fast and overridden suites keep the plain teacher.
+before). Fast and overridden suites keep the plain teacher and a constant lr.
 
 Since 2026-12-01 the lr decays linearly to 0 over the 64 steps (``lr_decay``), which gates all
 three seeds (64 questions, gate / leak): s0 +0.072 [+0.037, +0.106] / -0.001 [-0.020, +0.017],

@@ -236,5 +236,5 @@ def test_causal_rank_p_value_counts_random_directions_at_least_as_strong():
     assert CausalTest(share_removed=0.9, random_shares=(0.1, 0.2, 0.3), gap=0.1).z_score == (
         pytest.approx(7.0)
     )
-    assert many.z_score is None  # no spread
+    assert many.z_score is None and many.z_text() == ""  # no spread
     assert CausalTest(share_removed=0.9, random_shares=(0.1,), gap=0.1).z_score is None
