@@ -579,15 +579,16 @@ def _check_same_run(
     where: Path, meta: dict[str, Any], config: FinetuneConfig, data_hash: str, base: HookedModel
 ) -> None:
     """Refuse to resume / reuse a run made with another config, data or base."""
-    old = FinetuneConfig.from_dict(meta["config"]).to_dict()
-    new = config.to_dict()
-    for name in new:
-        if name in _STOP_FIELDS and not (config.lr_decay and name != "loss_floor"):
-            continue
-        if old[name] != new[name]:
+    old = FinetuneConfig.from_dict(meta["config"])
+    # a rerun may change when it stops; with lr_decay the run's length is part of its schedule
+    free = ("loss_floor",) if config.lr_decay else _STOP_FIELDS
+    for f in dataclasses.fields(FinetuneConfig):
+        name = f.name
+        was, now = getattr(old, name), getattr(config, name)
+        if name not in free and was != now:
             raise ValueError(
-                f"{where} holds a finetune with {name}={old[name]!r} but this call has "
-                f"{name}={new[name]!r}; use a fresh out_dir (or delete {where}) to train with a "
+                f"{where} holds a finetune with {name}={was!r} but this call has "
+                f"{name}={now!r}; use a fresh out_dir (or delete {where}) to train with a "
                 "different config"
             )
     if meta["base_sha256"] != base.sha256:

@@ -264,6 +264,16 @@ def test_lr_decay_reaches_zero_and_fixes_the_run_length(tiny_model, tmp_path):
         finetune_lora(
             tiny_model, _examples(), tmp_path / "r", config=cfg.replace(max_steps=4), **kw
         )
+    # switching the schedule on over a constant-lr run names the field (no KeyError from the
+    # cache-key dict, which leaves lr_decay out when it is off)
+    with pytest.raises(ValueError, match="lr_decay=True.*lr_decay=False"):
+        finetune_lora(
+            tiny_model,
+            _examples(),
+            tmp_path / "r",
+            config=cfg.replace(max_steps=2, lr_decay=False),
+            **kw,
+        )
 
 
 def test_finished_run_is_reused(tiny_model, tmp_path, monkeypatch):
