@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import inspect
 import logging
@@ -38,6 +39,76 @@ HookFn = Callable[[Tensor, "HookContext"], Tensor | None]
 
 class _StopForward(Exception):
     """Raised by the truncation hook after the deepest requested block."""
+
+
+class _Replayed(nn.Module):
+    """Stands in for a block below a ``reuse_below`` boundary. Every such block but the last
+    passes the embeddings through; the last runs the real blocks once per distinct input (the
+    embeddings, the mask and positions, and the history of the KV cache being extended) and
+    afterwards replays their output.
+
+    A replayed prefill (a call that starts a KV cache) also replays the real blocks' cache
+    entries, so any continuation is exact. A replayed continuation gets zeros of the right length
+    there instead (storing every continuation's entries would cost ~17x its hidden states): the
+    upper blocks read only their own entries, so it is exact too, but extending such a cache with
+    an input not seen before raises instead of attending to the zeros."""
+
+    def __init__(self, real: Sequence[nn.Module], memo: dict[str, Any] | None, config: Any):
+        super().__init__()
+        self.real = list(real)  # a plain list: not registered, so no parameters are duplicated
+        self.idx = [getattr(b.self_attn, "layer_idx", i) for i, b in enumerate(self.real)]
+        self.memo = memo  # None: a pass-through block
+        n_heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or n_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // n_heads)
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.memo is None:
+            return hidden_states
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        use_cache = cache is not None and kwargs.get("use_cache", True)
+        h = hashlib.sha256()
+        for t in (hidden_states, kwargs.get("attention_mask"), kwargs.get("position_ids")):
+            if isinstance(t, Tensor):
+                h.update(str((t.dtype, tuple(t.shape))).encode())
+                h.update(t.detach().contiguous().cpu().numpy().tobytes())
+            else:
+                h.update(repr(t).encode())
+        h.update(str((use_cache, getattr(cache, "_mci_history", None))).encode())
+        key = h.hexdigest()
+        hit = self.memo.get(key)
+        if hit is None:
+            if getattr(cache, "_mci_replayed", False):
+                raise RuntimeError(
+                    "reuse_below: this KV cache holds replayed (zeroed) entries below the "
+                    "boundary and cannot be extended with a new input; build it outside "
+                    "reuse_below"
+                )
+            starts = use_cache and cache.get_seq_length() == 0
+            out = hidden_states
+            for block in self.real:
+                out = block(out, *args, **kwargs)
+            layers = getattr(cache, "layers", None)
+            kv = (
+                [(layers[i].keys, layers[i].values) for i in self.idx]
+                if starts and layers
+                else None
+            )
+            self.memo[key] = (out, kv)
+        else:
+            out, kv = hit
+            if use_cache and kv is not None:
+                for i, (k, v) in zip(self.idx, kv, strict=True):
+                    cache.update(k, v, i)
+            elif use_cache:
+                b, t = hidden_states.shape[:2]
+                zeros = hidden_states.new_zeros(b, self.kv_heads, t, self.head_dim)
+                for i in self.idx:
+                    cache.update(zeros, zeros, i)
+                cache._mci_replayed = True
+        if cache is not None:
+            cache._mci_history = key
+        return out
 
 
 @dataclass
@@ -132,6 +203,11 @@ class HookedModel:
     def _attach(self, site: Site, fn: HookFn) -> torch.utils.hooks.RemovableHandle:
         self._check_site(site)
         block: Any = self.blocks[site.layer]
+        if isinstance(block, _Replayed):
+            raise ValueError(
+                f"cannot hook {site.hook_name}: reuse_below is replaying block {site.layer}; "
+                "intervene at or above its boundary layer"
+            )
         ctx = self.ctx
 
         def replace_first(out: Any, new: Tensor) -> Any:
@@ -187,6 +263,44 @@ class HookedModel:
         finally:
             for h in handles:
                 h.remove()
+
+    @contextlib.contextmanager
+    def reuse_below(self, layer: int) -> Iterator[HookedModel]:
+        """Inside, blocks ``0..layer-1`` run once per distinct input and their output (the
+        residual entering block ``layer``) is replayed on every later forward of that input.
+
+        For many interventions at ``layer`` or above on one model and one prompt set (a causal
+        test's direction and its random controls): each forward after the first costs only the
+        blocks the interventions can change. Results are bit-identical to full forwards. Hooks
+        below ``layer`` are refused while it is active, and it refuses to start with hooks there.
+        ``layer=0`` reuses nothing.
+        """
+        Site(layer).check(self.n_layers)
+        if layer == 0:
+            yield self
+            return
+        blocks = self.blocks
+        real = [blocks[i] for i in range(layer)]
+        hooked = [
+            i
+            for i, b in enumerate(real)
+            if any(m._forward_hooks or m._forward_pre_hooks for m in b.modules())
+        ]
+        if hooked:
+            raise ValueError(
+                f"reuse_below({layer}): blocks {hooked} have hooks attached; their output would "
+                "be replayed without them. Start reuse_below before applying interventions, and "
+                f"keep them at layer {layer} or above"
+            )
+        memo: dict[str, Any] = {}
+        cfg = self.hf.config
+        try:
+            for i in range(layer):
+                blocks[i] = _Replayed(real, memo if i == layer - 1 else None, cfg)
+            yield self
+        finally:
+            for i, b in enumerate(real):
+                blocks[i] = b
 
     def n_hooks(self) -> int:
         """Number of forward hooks currently attached anywhere in the model (tests use it)."""

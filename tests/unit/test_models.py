@@ -114,3 +114,74 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="pip install gone"):
         models.convert_packaged(missing)
+
+
+def test_reuse_below_is_bit_identical_and_runs_lower_blocks_once(tiny_model, monkeypatch):
+    """A causal test scores one model under many interventions at one layer: the blocks below
+    run once per distinct input, and every score equals the full forward's exactly."""
+    from mci_interp.evaluate import LogprobContrast
+    from mci_interp.intervene import Ablate, Steer, apply
+    from tests.unit.test_evaluate import QUESTIONS
+
+    sc = LogprobContrast(batch_size=3, include_benign=False)
+    g = torch.Generator().manual_seed(0)
+    ivs = [
+        Steer(torch.randn(tiny_model.d_model, generator=g), 3.0, sites=[1]),
+        Ablate(torch.randn(tiny_model.d_model, generator=g), sites=[1]),
+        Steer(torch.randn(tiny_model.d_model, generator=g), 0.5, sites=[1], scale="relative"),
+    ]
+    full = []
+    for iv in ivs:
+        with apply(tiny_model, iv):
+            full.append(sc.score(tiny_model, QUESTIONS, show_progress=False).scores)
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    with apply(tiny_model, ivs[0]):
+        full_logits = tiny_model.logits(ids)
+
+    block0 = tiny_model.blocks[0]
+    calls = []
+    monkeypatch.setattr(
+        block0, "forward", lambda *a, _f=block0.forward, **k: calls.append(1) or _f(*a, **k)
+    )
+    with tiny_model.reuse_below(1):
+        reused = []
+        for i, iv in enumerate(ivs):
+            with apply(tiny_model, iv):
+                reused.append(sc.score(tiny_model, QUESTIONS, show_progress=False).scores)
+            if i == 0:
+                first = len(calls)
+        with apply(tiny_model, ivs[0]):
+            reused_logits = tiny_model.logits(ids)  # no KV cache: the same path
+        with pytest.raises(ValueError, match="reuse_below is replaying block 0"):
+            with apply(tiny_model, Steer(ivs[0].direction, 1.0, sites=[0])):
+                pass
+    assert first > 0 and len(calls) == first + 1  # later scores ran block 0 not at all
+    for a, b in zip(full, reused, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(full_logits, reused_logits)
+    assert tiny_model.blocks[0] is block0 and tiny_model.n_hooks() == 0  # restored
+    # a hook below the boundary when it starts is refused (its effect would be replayed)
+    with apply(tiny_model, Steer(ivs[0].direction, 1.0, sites=[0])):
+        with pytest.raises(ValueError, match="blocks \\[0\\] have hooks"):
+            with tiny_model.reuse_below(1):
+                pass
+    assert tiny_model.blocks[0] is block0
+
+
+def test_reuse_below_replays_a_prefill_exactly_and_refuses_to_extend_a_replayed_continuation(
+    tiny_model,
+):
+    pre, cont, nxt = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6]]), torch.tensor([[7]])
+    want = tiny_model.hidden_and_head(
+        cont, torch.ones(1, 6, dtype=torch.long), past=tiny_model.prefill(pre)
+    )[0]
+    with tiny_model.reuse_below(1):
+        tiny_model.prefill(pre)  # computed
+        past = tiny_model.prefill(pre)  # replayed, with its cache entries below the boundary
+        got = tiny_model.hidden_and_head(cont, torch.ones(1, 6, dtype=torch.long), past=past)[0]
+        assert torch.equal(got, want)  # a continuation not seen before is exact
+        again = tiny_model.prefill(pre)
+        tiny_model.hidden_and_head(cont, torch.ones(1, 6, dtype=torch.long), past=again)
+        assert again.get_seq_length() == 6  # replayed continuation: zeros keep the length right
+        with pytest.raises(RuntimeError, match="cannot be extended"):
+            tiny_model.hidden_and_head(nxt, torch.ones(1, 7, dtype=torch.long), past=again)
