@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from statistics import NormalDist
@@ -223,6 +223,33 @@ class EvalResult:
             int(sum(self.detail["n_misaligned"])),
             int(sum(self.detail["n_denominator"])),
             level=level,
+        )
+
+    def select(self, question_ids: Sequence[str]) -> EvalResult:
+        """The result restricted to ``question_ids`` (in that order), per-question detail kept.
+
+        A question's LogprobContrast score depends only on its own sequences (each question's
+        prompt is its own batch), so a subset of a result equals scoring the subset."""
+        pos = {q: i for i, q in enumerate(self.question_ids)}
+        missing = [q for q in question_ids if q not in pos]
+        if missing:
+            raise ValueError(
+                f"{self.model}'s result has no question(s) {missing[:5]}; it covers "
+                f"{self.n} questions"
+            )
+        idx = [pos[q] for q in question_ids]
+        detail = {
+            k: [v[i] for i in idx] if isinstance(v, list) and len(v) == self.n else v
+            for k, v in self.detail.items()
+        }
+        return replace(
+            self,
+            question_ids=tuple(question_ids),
+            themes=tuple(self.themes[i] for i in idx),
+            scores=self.scores[idx],
+            style=None if self.style is None else self.style[idx],
+            detail=detail,
+            meta={**self.meta, "selected_from": self.n},
         )
 
     @classmethod

