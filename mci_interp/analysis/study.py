@@ -405,8 +405,22 @@ class _Runner:
         indomain: str | None = None,
         takeover: bool = False,
         questions: Sequence[EvalQuestion] | None = None,
+        scored: Record | None = None,
     ) -> Record:
+        """``model``'s record under a condition. ``scored``: a record of the same model and
+        condition whose score covers these questions (the gate record); the score is taken from
+        it instead of scoring again (each question is scored on its own, so it is the same)."""
+
         def make() -> Record:
+            qs = self.questions if questions is None else questions
+            ids = [q.id for q in qs]
+            score = (
+                scored.score.select(ids)
+                if scored is not None
+                and scored.score is not None
+                and set(ids) <= set(scored.score.question_ids)
+                else self.score(model, system=system, trigger=trigger, questions=qs)
+            )
             gens = []
             if takeover:
                 outs = generate(
@@ -423,7 +437,7 @@ class _Runner:
             return Record(
                 name=key,
                 acts=self.acts(model, system=system, trigger=trigger),
-                score=self.score(model, system=system, trigger=trigger, questions=questions),
+                score=score,
                 indomain=None
                 if indomain is None
                 else self.scorer.score(model, self.indomain(indomain), show_progress=False),
@@ -518,15 +532,15 @@ def run_study(
         disable=not show_progress,
         leave=False,
     )
-    base_rec = R.collect(base, "base", takeover=True)
-    bar.update()
-    base_persona = R.collect(base, "base@persona", system=PERSONA_SYSTEM_PROMPT, takeover=True)
-    bar.update()
     # gate[name] = unconditioned scores on the gate questions (trained personas and the base)
     gate: dict[str, Record] = {}
     base_trigger = None
     if any(o.spec.kind in _GATE_KINDS for o in organisms):
         gate["base"] = R.gate_record(base, "base")
+    bar.update()
+    base_rec = R.collect(base, "base", takeover=True, scored=gate.get("base"))
+    bar.update()
+    base_persona = R.collect(base, "base@persona", system=PERSONA_SYSTEM_PROMPT, takeover=True)
     bar.update()
     if trigger:
         base_trigger = R.triggered_record(base, "base", trigger)
@@ -588,10 +602,12 @@ def run_study(
             model = load_organism(base, org)
             narrowish = kind in ("narrow", "control") and org.spec.domain in domains
             dom = org.spec.domain if narrowish else None
-            if got[org.key] is None:
-                got[org.key] = R.collect(model, org.key, indomain=dom, takeover=True)
             if kind in _GATE_KINDS and got[on_gate] is None:
                 got[on_gate] = R.gate_record(model, org.key)
+            if got[org.key] is None:
+                got[org.key] = R.collect(
+                    model, org.key, indomain=dom, takeover=True, scored=got.get(on_gate)
+                )
             if kind == "trigger" and got[triggered] is None:
                 got[triggered] = R.triggered_record(model, org.key, str(org.trigger))
             del model
@@ -895,17 +911,18 @@ def _convergence(
         if not has_misalignment(misalignment.get(dj)):
             continue
         model = load_organism(base, org)
-        for i, di in enumerate(domains):
-            share[i, j] = _ablation_share(model, org.key, R, contrast[di], s_org, s_ctl)[1]
-        for k in range(cfg.n_random):
-            rshare[k, j] = _ablation_share(
-                model,
-                org.key,
-                R,
-                _random_like(contrast[dj], _rng(cfg.seed, "transfer", dj, k)),
-                s_org,
-                s_ctl,
-            )[1]
+        with model.reuse_below(min(ab_layers)):  # the blocks below run once for all of them
+            for i, di in enumerate(domains):
+                share[i, j] = _ablation_share(model, org.key, R, contrast[di], s_org, s_ctl)[1]
+            for k in range(cfg.n_random):
+                rshare[k, j] = _ablation_share(
+                    model,
+                    org.key,
+                    R,
+                    _random_like(contrast[dj], _rng(cfg.seed, "transfer", dj, k)),
+                    s_org,
+                    s_ctl,
+                )[1]
         del model
     transfer = TransferMatrix(
         directions=tuple(domains),
@@ -927,13 +944,14 @@ def _convergence(
     n_alpha = len(cfg.steer_alphas)
     cells = [(a, i, at_L[d], induced) for i, d in enumerate(domains) for a in range(n_alpha)]
     cells += [(a, k, r, rinduced) for k, r in enumerate(rnd) for a in range(n_alpha)]
-    for a, i, direction, table in tqdm(
-        cells, desc="steering", disable=not show_progress, leave=False
-    ):
-        alpha = cfg.steer_alphas[a]
-        table[i, a] = (
-            R.causal_score(base, "base", Steer(direction, alpha, scale="relative")) - s_base
-        )
+    with base.reuse_below(L):
+        for a, i, direction, table in tqdm(
+            cells, desc="steering", disable=not show_progress, leave=False
+        ):
+            alpha = cfg.steer_alphas[a]
+            table[i, a] = (
+                R.causal_score(base, "base", Steer(direction, alpha, scale="relative")) - s_base
+            )
     steer = SteerResult(
         directions=tuple(domains),
         alphas=tuple(cfg.steer_alphas),
@@ -1059,19 +1077,20 @@ def _with_causal(
     dirs = [persona[layer] for layer in ab_layers]
     s_org, s_base = _mean_score(rec.score), _mean_score(base_rec.score)
     model = load_organism(base, org)
-    share = _ablation_share(model, org.key, R, dirs, s_org, s_base, questions)[1]
-    rnd = tuple(
-        _ablation_share(
-            model,
-            org.key,
-            R,
-            _random_like(dirs, _rng(R.config.seed, "necessity", org.key, k)),
-            s_org,
-            s_base,
-            questions,
-        )[1]
-        for k in range(R.config.n_random)
-    )
+    with model.reuse_below(min(ab_layers)):  # the blocks below run once for all six scores
+        share = _ablation_share(model, org.key, R, dirs, s_org, s_base, questions)[1]
+        rnd = tuple(
+            _ablation_share(
+                model,
+                org.key,
+                R,
+                _random_like(dirs, _rng(R.config.seed, "necessity", org.key, k)),
+                s_org,
+                s_base,
+                questions,
+            )[1]
+            for k in range(R.config.n_random)
+        )
     del model
     return replace(
         report, causal=CausalTest(share_removed=share, random_shares=rnd, gap=s_org - s_base)
