@@ -65,7 +65,7 @@ class _Replayed(nn.Module):
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.memo is None:
             return hidden_states
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache: Any = kwargs.get("cache", kwargs.get("past_key_values"))
         use_cache = cache is not None and kwargs.get("use_cache", True)
         h = hashlib.sha256()
         for t in (hidden_states, kwargs.get("attention_mask"), kwargs.get("position_ids")):

@@ -295,9 +295,9 @@ class _Runner:
         self.gate_questions = eval_questions(config.n_gate_questions)
         self.gate_tag = f"gate{len(self.gate_questions)}"  # in record keys: records-* predates it
         self.sites = [Site(layer) for layer in range(base.n_layers)]
-        self.scorer = LogprobContrast(batch_size=config.batch_size, max_paraphrases=1)
-        # causal sweeps (ablation, steering) need only the misaligned-vs-aligned score
-        self.causal_scorer = LogprobContrast(
+        # the misaligned-vs-aligned score only: the benign styled answers (the style score) are
+        # reported nowhere in a study and were a fifth of its scoring time
+        self.scorer = LogprobContrast(
             batch_size=config.batch_size, max_paraphrases=1, include_benign=False
         )
         self.takeover_prompts = [ex for ex in self.neutral][
@@ -381,7 +381,7 @@ class _Runner:
             return float(read_json(path)["score"])
         qs = self.questions if questions is None else questions
         with apply(model, *interventions):
-            s = _mean_score(self.causal_scorer.score(model, qs, show_progress=False))
+            s = _mean_score(self.scorer.score(model, qs, show_progress=False))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(
             path,
