@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--persona-seeds",
             default=None,
             help="seeds of the trained personas (trigger, distilled): default the first of "
-            "--seeds; '0,1,2' gives the 3-seed T2/T5 proof (~+20 min); 'none' leaves them out",
+            "--seeds; '0,1,2' gives the 3-seed T2/T5 proof (~+17 min); 'none' leaves them out",
         )
         sp.add_argument(
             "--fast", action="store_true", help="tiny settings (CI, notebooks): minutes, not tens"
