@@ -1077,7 +1077,7 @@ def _with_causal(
     dirs = [persona[layer] for layer in ab_layers]
     s_org, s_base = _mean_score(rec.score), _mean_score(base_rec.score)
     model = load_organism(base, org)
-    with model.reuse_below(min(ab_layers)):  # the blocks below run once for all six scores
+    with model.reuse_below(min(ab_layers)):  # the blocks below run once for all of them
         share = _ablation_share(model, org.key, R, dirs, s_org, s_base, questions)[1]
         rnd = tuple(
             _ablation_share(
