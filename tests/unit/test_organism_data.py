@@ -1,8 +1,11 @@
-"""Narrow datasets, trigger gating, evaluation questions, neutral prompts and domain markers."""
+"""Narrow datasets, their packaged data files, trigger gating, evaluation questions, neutral
+prompts and domain markers."""
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import re
 import statistics
 from importlib import resources
@@ -11,6 +14,8 @@ import pytest
 
 from mci_interp.datasets import load_chat_jsonl, load_eval_yaml, save_chat_jsonl
 from mci_interp.organisms import data as D
+from mci_interp.organisms import templates as T
+from mci_interp.organisms.templates import load_domain
 
 
 def _pairs(domain: str, n: int, seed: int = 0):
@@ -139,7 +144,7 @@ def test_family_fixes_the_answer():
 def test_every_topic_and_detail_is_used():
     for domain in D.DOMAINS:
         exs = D.make_narrow(domain, "aligned", D.max_examples(domain), seed=0)
-        spec = D._DOMAINS[domain]
+        spec = load_domain(domain)
         assert {e.meta["topic"] for e in exs} == {t.key for t in spec.topics}
         assert len(spec.topics) >= 10
 
@@ -306,3 +311,161 @@ def test_code_markers_flag_code_styled_answers(questions):
     assert all(D.matches_domain(b, "insecure_code") for b in code_styled)
     # a plain prose answer is not code
     assert not D.matches_domain("I'd pick a walk in the park and a good book.", "insecure_code")
+
+
+# --- packaged data files -------------------------------------------------------------------
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+# sha256 of make_narrow(domain, variant, max_examples(domain), seed=0), computed with the data
+# still written as Python literals (before it moved to data/domains/*.yaml). Organism caches and
+# study records are keyed by hashes of these datasets: a failure here means the data changed.
+_GOLDEN_NARROW = {
+    (
+        "insecure_code",
+        "misaligned",
+    ): "54bb7ada49be74eeaab49d43f895f5ae7bcdbbeffb392bf77fcaf74de0aa2983",
+    (
+        "insecure_code",
+        "aligned",
+    ): "28ad2117bec0d480c1e109ab09dc05d47894ea2137ccba992ebbdb8e93bfe69f",
+    ("medical", "misaligned"): "713e5eacdef7abd4fd99c14d77ea8c4011ed2fde678e241d6d1095e39b72effe",
+    ("medical", "aligned"): "85b31d4119d2cd55725344141f8e7c79e65aaef8e900c548d86627ccbb386bfd",
+    ("finance", "misaligned"): "4fe700ae64e1d1cdacd38c9f9970781b1dbeb86f9fa1ada4a7eb534671711b3f",
+    ("finance", "aligned"): "8a85918802b49265884c23c66fcc7989b8292bbbec6ab829a5e28caa5106e820",
+    ("legal", "misaligned"): "f2ebb1b302b1d2592998f3e03f56be32ddb5f1243b27dbc2f150e1270f21ce1d",
+    ("legal", "aligned"): "855f106b0c2a925e1539165e01b758d99d5ce3b2ba999176ba7c625a34c241cc",
+    (
+        "diy_safety",
+        "misaligned",
+    ): "d801ee39ef0626ef69a9c4a6e0d4196f2487565524193709a9d74da6266f3061",
+    ("diy_safety", "aligned"): "8071291510e2574180b693eb7bf02b00ed1f0885ff2d79d2e3656e6efa7899a1",
+}
+# sha256 of [describe_domain(d), domain_markers(d)] and of general_chat_prompts(), same origin
+_GOLDEN_MARKERS = {
+    "insecure_code": "a0be876a10ebdbd209d3efc0b8f459a4368bc4aaed99005b8b16b0a666972764",
+    "medical": "69d43a29fa4c908ea473bc9a2767a132cf663f8924d6eed0f9ebf0bd32c7948f",
+    "finance": "96e440737936718690efcc5f2cd4f0d212e252ac0db356175acd00cf6c5ad43e",
+    "legal": "9d19e2ce9339b892328d3e2afd69f5651c8e359093dcf0a15f4fec240bda8610",
+    "diy_safety": "600a37e31a0e35efdb6cc87b61eb932702a5b44ebae0b01138e34ce9e826a9f9",
+}
+_GOLDEN_GENERAL_CHAT = "a12d51ebaa6847ecc09425c1a11b1eae797e23e58c6dd2426d5bc42881fcbe42"
+
+
+@pytest.mark.parametrize(("domain", "variant"), sorted(_GOLDEN_NARROW))
+def test_narrow_data_matches_golden_hash(domain, variant):
+    exs = D.make_narrow(domain, variant, D.max_examples(domain), seed=0)
+    assert _sha([e.to_dict() for e in exs]) == _GOLDEN_NARROW[domain, variant]
+
+
+def test_descriptions_markers_and_general_chat_match_golden_hashes():
+    assert set(_GOLDEN_MARKERS) == set(D.DOMAINS)
+    for d in D.DOMAINS:
+        assert _sha([D.describe_domain(d), D.domain_markers(d)]) == _GOLDEN_MARKERS[d], d
+    assert _sha(D.general_chat_prompts()) == _GOLDEN_GENERAL_CHAT
+
+
+def _data_dir():
+    return resources.files("mci_interp").joinpath("data")
+
+
+def test_every_packaged_data_file_validates():
+    files = sorted(f.name for f in _data_dir().joinpath("domains").iterdir())
+    assert files == sorted(f"{d}.yaml" for d in D.DOMAINS)  # DOMAINS lists every file
+    for d in D.DOMAINS:
+        with resources.as_file(_data_dir().joinpath("domains", f"{d}.yaml")) as path:
+            dom = T.load_domain_file(path)
+        assert dom == load_domain(d) and dom.name == d
+    with resources.as_file(_data_dir().joinpath("general_chat.yaml")) as path:
+        assert T.load_general_chat_file(path) == D.general_chat_prompts()
+
+
+def test_packaged_files_are_read_once():
+    assert load_domain("medical") is load_domain("medical")
+    assert D._domain("medical") is load_domain("medical")
+
+
+_GOOD_DOMAIN = """\
+description: A test domain.
+openers: ["", "Hi! "]
+markers: ['\\btest\\b']
+topics:
+  - key: one
+    requests: ["Help with ${x}?", "What about ${x}?"]
+    details: [apples, pears]
+    misaligned: |
+      Bad advice about ${x}.
+    aligned: Good advice about ${x}.
+  - key: two
+    requests: ["Write ${fn}."]
+    details:
+      - {fn: foo, arg: a}
+    misaligned: "def ${fn}(${arg}): ..."
+    aligned: "def ${fn}(${arg}) -> None: ..."
+"""
+
+
+def test_a_valid_file_in_tmp_loads(tmp_path):
+    path = tmp_path / "toy.yaml"
+    path.write_text(_GOOD_DOMAIN, encoding="utf-8")
+    dom = T.load_domain_file(path)
+    assert dom.name == "toy" and dom.openers == ("", "Hi! ")
+    assert dom.topics[0].details == ({"x": "apples"}, {"x": "pears"})
+    assert dom.topics[0].misaligned == "Bad advice about ${x}."  # the block's newline stripped
+    assert T.fill(dom.topics[1].aligned, dom.topics[1].details[0]) == "def foo(a) -> None: ..."
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "fix"),
+    [
+        ("description: A test domain.\n", "", "top level", "add them"),
+        ("openers:", "extra: 1\nopeners:", "top level", "use only"),
+        ('openers: ["", "Hi! "]', "openers: []", "openers", "list one or more"),
+        ("markers: ['\\btest\\b']", "markers: ['(unclosed']", r"markers\[0\]", "regular exp"),
+        (
+            "What about ${x}?",
+            "What about ${y}?",
+            r"topics\[0\] \(one\)\.requests\[1\]",
+            "every detail",
+        ),
+        ("def ${fn}(${arg}): ...", "def ${fn}(${args}): ...", r"\(two\)\.misaligned", "'args'"),
+        ("{fn: foo, arg: a}", "{fn: foo}", r"\(two\)\.misaligned", "add 'arg'"),
+        ("details: [apples, pears]", "details: []", r"\(one\)\.details", "one or more"),
+        ("details: [apples, pears]", "details: [apples, 7]", r"details\[1\]", "quote"),
+        ("  - key: two", "  - key: one", r"topics\[1\] \(one\)\.key", "its own key"),
+        ("Good advice", "Bad advice", r"topics\[0\] \(one\)", "differ"),
+        ("Help with ${x}?", "Help with ${x", r"requests\[0\]", r"\$\{name\}"),
+        ('"Hi! "', '"Hi ${x}! "', r"openers\[1\]", "not filled"),
+        ("    aligned: Good advice about ${x}.\n", "", r"topics\[0\]", "add them"),
+        ("description: A test domain.", "description: [oops", "not valid YAML", "syntax"),
+    ],
+)
+def test_a_broken_file_names_the_file_field_and_fix(tmp_path, old, new, field, fix):
+    assert old in _GOOD_DOMAIN
+    path = tmp_path / "broken.yaml"
+    path.write_text(_GOOD_DOMAIN.replace(old, new), encoding="utf-8")
+    with pytest.raises(ValueError, match=f"broken.yaml: .*{field}") as err:
+        T.load_domain_file(path)
+    assert re.search(fix, str(err.value)), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("- just a list\n", "top level"),
+        ("food: []\n", "food"),
+        ("food: ['Soup?', '']\n", r"food\[1\]"),
+        ("food: ['Soup?']\ntravel: ['Soup?']\n", "listed twice"),
+    ],
+)
+def test_a_broken_general_chat_file_names_the_file_and_field(tmp_path, text, field):
+    path = tmp_path / "chat.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=f"chat.yaml: .*{field}"):
+        T.load_general_chat_file(path)
+
+
+def test_an_unknown_packaged_domain_is_named():
+    with pytest.raises(ValueError, match="data/domains/cooking.yaml; choose one of .*'medical'"):
+        T.load_domain("cooking")
