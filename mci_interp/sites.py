@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -59,6 +60,23 @@ class Site:
 
     def __str__(self) -> str:
         return self.hook_name
+
+
+def as_site(site: Site | int | str, *, component: str = "resid_post") -> Site:
+    """The one way user input becomes a Site: a ``Site`` as is, a layer number (that layer's
+    ``component``), or a TransformerLens hook name such as ``"blocks.12.hook_resid_post"`` (a bare
+    ``"12"`` is a layer number). Anything else is a ValueError naming it."""
+    if isinstance(site, Site):
+        return site
+    if isinstance(site, str):
+        text = site.strip()
+        return Site(int(text), component) if text.isdigit() else Site.parse(text)
+    if not isinstance(site, bool) and hasattr(site, "__index__"):
+        return Site(operator.index(site), component)
+    raise ValueError(
+        f"site {site!r} ({type(site).__name__}) is not a Site, a layer number or a hook name such "
+        "as 'blocks.12.hook_resid_post'"
+    )
 
 
 def parse_layers(spec: str | int | list[int], n_layers: int) -> list[int]:

@@ -4,12 +4,18 @@
 - ``LinearProbe``: logistic regression, prompt-grouped CV, prompt-identity baseline; its
   direction is mapped back to raw activation space.
 - ``SaeLatents``: sparse-autoencoder latents ranked by their activation increase after
-  finetuning (train with sae-lens from cached activations, or load a local SAE).
+  finetuning (a pretrained SAE from sae-lens' registry, a local sae-lens directory, or one
+  trained with sae-lens from cached activations).
 - ``extract``, ``sweep`` and the three diff-means flavours ``data_diff``, ``model_diff``,
   ``prompt_diff`` turn activation caches into ``Direction``s with provenance.
+
+All three are scikit-learn estimators (``clone``, ``Pipeline`` and grouped ``GridSearchCV``
+work); ``clone`` here is ``sklearn.base.clone``.
 """
 
-from mci_interp.extract._base import Estimator, clone
+from sklearn.base import clone
+
+from mci_interp.extract._base import Estimator
 from mci_interp.extract.api import (
     METHODS,
     Contrast,
@@ -25,7 +31,16 @@ from mci_interp.extract.api import (
 )
 from mci_interp.extract.diff_means import DiffMeans
 from mci_interp.extract.probe import LinearProbe
-from mci_interp.extract.sae import SaeLatents, SaeTrainConfig, TrainedSae, load_sae, train_sae
+from mci_interp.extract.sae import (
+    SaeLatents,
+    SaeTrainConfig,
+    TrainedSae,
+    check_sae_fits,
+    load_pretrained_sae,
+    load_sae,
+    sae_site,
+    train_sae,
+)
 
 __all__ = [
     "METHODS",
@@ -36,15 +51,18 @@ __all__ = [
     "SaeLatents",
     "SaeTrainConfig",
     "TrainedSae",
+    "check_sae_fits",
     "clone",
     "data_diff",
     "extract",
     "latent_directions",
+    "load_pretrained_sae",
     "load_sae",
     "model_contrast",
     "model_diff",
     "prompt_contrast",
     "prompt_diff",
+    "sae_site",
     "stack_rows",
     "sweep",
     "train_sae",

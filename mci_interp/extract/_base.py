@@ -1,54 +1,46 @@
-"""Shared pieces of the estimators: scikit-learn style parameters and strict input checks."""
+"""Shared pieces of the estimators: the scikit-learn base class and strict input checks.
+
+Every estimator is a ``sklearn.base.BaseEstimator``: ``__init__`` stores keyword hyperparameters
+only, ``fit(X, y, groups=None)`` returns ``self``, fitted state ends in ``_`` and
+``get_params()`` feeds ``Provenance.params``, so ``sklearn.base.clone``, ``Pipeline`` and
+``GridSearchCV`` work. Inputs may be torch tensors (any device and dtype) or array-likes;
+``transform`` answers in the kind it was given (tensor in, tensor out on the input's device;
+array in, NumPy out).
+"""
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
 from mci_interp.direction import Param
 
 
-class Estimator:
-    """Base of the direction estimators: ``__init__`` stores keyword hyperparameters only,
-    ``fit`` returns ``self``, fitted state ends in ``_``; ``direction_`` is the fitted vector."""
+class Estimator(BaseEstimator):
+    """Base of the direction estimators; ``direction_`` is the fitted vector (float64, CPU).
 
-    method: str = "estimator"
+    Subclasses implement ``fit(X, y, groups=None, *, <per-row metadata>)``: the three positional
+    arguments are the same for every estimator (``groups`` holds prompt ids; estimators that do
+    not split rows accept and ignore it), and keyword-only extras (``example_index``,
+    ``control``, ...) are scikit-learn fit metadata that ``extract`` passes where a class takes it.
+    """
+
+    method: ClassVar[str] = "estimator"
     direction_: Tensor
 
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        return [
-            p.name
-            for p in sig.parameters.values()
-            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """Hyperparameters as passed to ``__init__`` (scikit-learn convention)."""
-        return {name: getattr(self, name) for name in self._param_names()}
-
-    def set_params(self, **params: Any) -> Estimator:
-        valid = set(self._param_names())
-        for k, v in params.items():
-            if k not in valid:
-                raise ValueError(
-                    f"{type(self).__name__} has no parameter {k!r}; valid: {sorted(valid)}"
-                )
-            setattr(self, k, v)
-        return self
+    def fit(self, X: Any, y: Any, groups: Sequence[Any] | None = None) -> Estimator:
+        raise NotImplementedError
 
     def provenance_params(self) -> dict[str, Param]:
         """Hyperparameters plus fitted summaries, flattened to JSON scalars for ``Provenance``."""
-        out: dict[str, Param] = {}
-        for k, v in self.get_params().items():
-            out[k] = _scalar(v)
+        out: dict[str, Param] = {k: _scalar(v) for k, v in self.get_params(deep=False).items()}
         out.update(self.fit_summary())
         return out
 
@@ -56,21 +48,15 @@ class Estimator:
         """Scalar facts about the fit worth recording in provenance (overridden)."""
         return {}
 
-    def is_fitted(self) -> bool:
+    def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "direction_")
 
+    def is_fitted(self) -> bool:
+        return self.__sklearn_is_fitted__()
+
     def check_fitted(self) -> None:
-        if not self.is_fitted():
-            raise ValueError(f"{type(self).__name__} is not fitted yet; call fit(X, y) first")
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
-
-
-def clone(est: Estimator) -> Estimator:
-    """An unfitted copy with the same hyperparameters."""
-    return type(est)(**est.get_params())
+        """Raise ``sklearn.exceptions.NotFittedError`` (a ``ValueError``) before ``fit``."""
+        check_is_fitted(self, msg="%(name)s is not fitted yet; call fit(X, y) first")
 
 
 def _scalar(v: Any) -> Param:
@@ -78,24 +64,26 @@ def _scalar(v: Any) -> Param:
         return v
     if isinstance(v, np.integer | np.floating):
         return v.item()
+    if isinstance(v, torch.dtype | torch.device):
+        return str(v)
     try:
         return json.dumps(v, sort_keys=True, default=str)
     except TypeError:
         return str(v)
 
 
-def as_float64(X: Any, name: str = "X") -> Tensor:
-    """A 2-D float64 CPU tensor; raise on NaN/inf naming how many rows are bad."""
-    if isinstance(X, Tensor):
-        t = X.detach().to("cpu", torch.float64)
-    else:
-        t = torch.as_tensor(np.asarray(X, dtype=np.float64))
+def check_rows(X: Any, name: str = "X") -> Tensor:
+    """``X`` as a 2-D floating tensor, kept on its device and in its dtype (array-likes become
+    CPU tensors); raise on NaN/inf naming how many rows are bad. The check runs where ``X`` is."""
+    t = X.detach() if isinstance(X, Tensor) else torch.as_tensor(np.asarray(X))
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
     if t.ndim != 2:
         raise ValueError(f"{name} must be [rows, d_model], got shape {tuple(t.shape)}")
     if t.shape[0] == 0:
         raise ValueError(f"{name} has no rows")
     finite = torch.isfinite(t).all(dim=1)
-    if not finite.all():
+    if not bool(finite.all()):
         bad = (~finite).nonzero().flatten()
         raise ValueError(
             f"{name} has NaN or inf activations in {bad.numel()} of {t.shape[0]} rows (first: row "
@@ -104,8 +92,47 @@ def as_float64(X: Any, name: str = "X") -> Tensor:
     return t
 
 
+def as_float64(X: Any, name: str = "X") -> Tensor:
+    """A 2-D float64 CPU tensor (where the diff-means and probe statistics are accumulated);
+    raise on NaN/inf naming how many rows are bad."""
+    if isinstance(X, Tensor):
+        return check_rows(X, name).to("cpu", torch.float64)
+    return check_rows(np.asarray(X, dtype=np.float64), name)
+
+
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The widest float a device computes in: float64, or float32 where float64 is missing."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def like_input(X: Any, out: Tensor) -> Any:
+    """``out`` in the kind ``X`` came as: a tensor on ``X``'s device, else a NumPy array."""
+    if isinstance(X, Tensor):
+        return out.to(X.device)
+    if out.dtype in (torch.bfloat16, torch.float16):
+        out = out.float()
+    return out.detach().cpu().numpy()
+
+
+def project_rows(X: Any, directions: Tensor, *, name: str = "X") -> Any:
+    """Scalar projections of rows of ``X`` onto unit rows of ``directions`` ``[k, d_model]``,
+    ``[rows, k]``, computed on ``X``'s device in float64 (float32 on MPS)."""
+    x = check_rows(X, name)
+    if x.shape[1] != directions.shape[1]:
+        raise ValueError(
+            f"{name} has d_model {x.shape[1]} but the fitted direction has {directions.shape[1]}; "
+            "use activations of the model and site it was fitted on"
+        )
+    wide = wide_dtype(x.device)
+    norms = directions.norm(dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        raise ValueError("a fitted direction has zero norm; there is nothing to project onto")
+    units = (directions / norms).to(x.device, wide)
+    return like_input(X, x.to(wide) @ units.T)
+
+
 def as_labels(y: Any, n: int, *, name: str = "y") -> Tensor:
-    """0/1 labels as a long tensor; both classes must be present."""
+    """0/1 labels as a long CPU tensor; both classes must be present."""
     lab = torch.as_tensor(np.asarray(y.cpu() if isinstance(y, Tensor) else y)).flatten()
     if lab.numel() != n:
         raise ValueError(f"{name} has {lab.numel()} labels but X has {n} rows")
@@ -137,3 +164,21 @@ def as_groups(groups: Sequence[Any] | None, n: int, *, name: str = "groups") -> 
         raise ValueError(f"{name} has {len(g)} entries but X has {n} rows")
     keys = np.asarray([f"\x00row{i}" if v is None else str(v) for i, v in enumerate(g)])
     return np.unique(keys, return_inverse=True)[1].astype(np.int64)
+
+
+def as_device(device: str | torch.device | None) -> torch.device | None:
+    """``None`` or a ``torch.device`` (from a name such as ``"cuda:0"``)."""
+    return None if device is None else torch.device(device)
+
+
+def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``None`` or a floating ``torch.dtype`` (from a name such as ``"bfloat16"``)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    found = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise ValueError(
+            f"dtype must be a floating torch dtype or its name (float32, bfloat16, float16), "
+            f"got {dtype!r}"
+        )
+    return found

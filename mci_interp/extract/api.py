@@ -8,6 +8,7 @@ its base on the same prompts, or from a persona system prompt vs none on one mod
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,12 +16,13 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
+from sklearn.base import clone
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mci_interp.activations import ActivationCache
 from mci_interp.direction import Direction, DirectionSet, Provenance
-from mci_interp.extract._base import Estimator, clone
+from mci_interp.extract._base import Estimator
 from mci_interp.extract.diff_means import DiffMeans
 from mci_interp.extract.probe import LinearProbe
 from mci_interp.extract.sae import SaeLatents
@@ -247,14 +249,19 @@ def _fit_on(
     control: Tensor | None,
     site: Site,
 ) -> None:
-    if isinstance(est, DiffMeans):
-        est.fit(X, y, groups, example_index=example_index)
-    elif isinstance(est, SaeLatents):
-        est.fit(X, y, groups, control=control, hook_name=site.hook_name)
-    else:
-        if control is not None:
+    """``est.fit(X, y, groups)`` plus the fit metadata its ``fit`` declares (``example_index``,
+    ``control``, ``site``); a control model for an estimator that takes none is refused."""
+    takes = inspect.signature(est.fit).parameters
+    meta: dict[str, Any] = {}
+    if example_index is not None and "example_index" in takes:
+        meta["example_index"] = example_index
+    if control is not None:
+        if "control" not in takes:
             raise ValueError(f"{type(est).__name__} does not use a control model; drop control")
-        est.fit(X, y, groups)  # type: ignore[attr-defined]
+        meta["control"] = control
+    if "site" in takes:
+        meta["site"] = site
+    est.fit(X, y, groups, **meta)
 
 
 def _counts(est: Estimator, y: Tensor) -> tuple[int, int]:

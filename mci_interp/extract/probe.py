@@ -10,10 +10,20 @@ from typing import Any
 import numpy as np
 import torch
 from jaxtyping import Float
+from sklearn.base import ClassifierMixin, TransformerMixin
 from torch import Tensor
 
 from mci_interp.direction import Param
-from mci_interp.extract._base import Estimator, as_float64, as_groups, as_labels
+from mci_interp.extract._base import (
+    Estimator,
+    as_float64,
+    as_groups,
+    as_labels,
+    check_rows,
+    like_input,
+    project_rows,
+    wide_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +41,7 @@ def _nanmean(x: list[float]) -> float:
     return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
 
 
-class LinearProbe(Estimator):
+class LinearProbe(ClassifierMixin, TransformerMixin, Estimator):
     """Standardised L2 logistic regression whose weight vector, mapped back to raw activation
     space (divided by the feature std), is the direction.
 
@@ -40,12 +50,18 @@ class LinearProbe(Estimator):
     Besides the grouped AUROC it reports, on row-level (ungrouped) folds, the probe's AUROC and a
     *prompt-identity* baseline that scores each held-out row by its prompt's positive rate in the
     training fold and sees nothing else: when that baseline is close to the ungrouped AUROC, a
-    row-level evaluation measures which prompt a row came from, not the concept.
+    row-level evaluation measures which prompt a row came from, not the concept. ``cv=None``
+    skips this internal cross-validation (inside a ``GridSearchCV``, which does its own).
+
+    As a scikit-learn classifier it has ``decision_function``, ``predict_proba``, ``predict`` and
+    ``score`` (accuracy); ``transform(X)`` is each row's projection on the unit direction,
+    ``[rows, 1]``.
 
     Fitted: ``direction_``/``coef_raw_`` (raw space, float64), ``coef_`` (standardised space),
     ``intercept_``, ``intercept_raw_``, ``mean_``, ``scale_``, ``auroc_`` (mean over grouped
     folds), ``auroc_folds_``, ``auroc_oof_`` (pooled out-of-fold), ``auroc_ungrouped_``,
-    ``prompt_identity_auroc_`` (+ ``_folds_``), ``grouped_``, ``n_groups_``.
+    ``prompt_identity_auroc_`` (+ ``_folds_``), ``grouped_``, ``n_groups_``, ``classes_``,
+    ``n_features_in_``.
     """
 
     method = "probe"
@@ -54,7 +70,7 @@ class LinearProbe(Estimator):
         self,
         *,
         C: float = 1.0,
-        cv: int = 5,
+        cv: int | None = 5,
         standardize: bool = True,
         class_weight: str | None = "balanced",
         max_iter: int = 2000,
@@ -91,8 +107,11 @@ class LinearProbe(Estimator):
             yield from splitter.split(np.zeros(n), lab, codes)
 
     def _check_cv(self, lab: np.ndarray, codes: np.ndarray | None) -> None:
-        if not isinstance(self.cv, int) or self.cv < 2:
-            raise ValueError(f"cv must be an int >= 2 (number of folds), got {self.cv!r}")
+        if isinstance(self.cv, bool) or not isinstance(self.cv, int) or self.cv < 2:
+            raise ValueError(
+                f"cv must be an int >= 2 (number of folds) or None (no internal "
+                f"cross-validation), got {self.cv!r}"
+            )
         n_units = len(np.unique(codes)) if codes is not None else lab.shape[0]
         if n_units < self.cv:
             what = "groups (prompts)" if codes is not None else "rows"
@@ -134,7 +153,7 @@ class LinearProbe(Estimator):
         y: Any,
         groups: Sequence[Any] | None = None,
     ) -> LinearProbe:
-        """Cross-validate (grouped by ``groups``), then fit on all rows."""
+        """Cross-validate (grouped by ``groups``, prompt ids), then fit on all rows."""
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.model_selection import StratifiedKFold
 
@@ -142,7 +161,7 @@ class LinearProbe(Estimator):
         lab = as_labels(y, xt.shape[0]).numpy()
         x = xt.numpy()
         codes = as_groups(groups, x.shape[0])
-        if codes is None:
+        if codes is None and self.cv is not None:
             log.warning(
                 "LinearProbe.fit without groups: folds split rows, not prompts; pass "
                 "groups=prompt ids so answers to one prompt stay on one side"
@@ -151,8 +170,11 @@ class LinearProbe(Estimator):
         self.n_groups_ = int(len(np.unique(codes))) if codes is not None else int(x.shape[0])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            splits = list(self.cv_splits(lab, groups))
-            self.auroc_folds_, self.auroc_oof_ = self._cv_auroc(x, lab, splits)
+            self.auroc_folds_: list[float] = []
+            self.auroc_oof_ = float("nan")
+            if self.cv is not None:
+                splits = list(self.cv_splits(lab, groups))
+                self.auroc_folds_, self.auroc_oof_ = self._cv_auroc(x, lab, splits)
             self.auroc_ = _nanmean(self.auroc_folds_)
             if any(not np.isfinite(a) for a in self.auroc_folds_):
                 log.warning(
@@ -162,7 +184,7 @@ class LinearProbe(Estimator):
             self.auroc_ungrouped_ = float("nan")
             self.prompt_identity_auroc_ = float("nan")
             self.prompt_identity_auroc_folds_: list[float] = []
-            if self.ungrouped_baseline:
+            if self.ungrouped_baseline and self.cv is not None:
                 row_splits = list(
                     StratifiedKFold(self.cv, shuffle=True, random_state=self.seed).split(
                         np.zeros(len(lab)), lab
@@ -188,13 +210,37 @@ class LinearProbe(Estimator):
         self.intercept_raw_ = float(self.intercept_ - (self.coef_raw_ * self.mean_).sum())
         self.direction_ = torch.from_numpy(self.coef_raw_.copy())
         self.auroc_train_ = _auroc(lab, x @ self.coef_raw_ + self.intercept_raw_)
+        self.classes_ = np.array([0, 1])
+        self.n_features_in_ = int(x.shape[1])
         return self
 
     def decision_function(self, X: Float[Tensor, "rows d_model"]) -> Float[Tensor, " rows"]:
-        """Logit of the positive class for raw activations."""
+        """Logit of the positive class for raw activations, in float64 on ``X``'s device (a
+        tensor for a tensor, else a NumPy array)."""
         self.check_fitted()
-        x = as_float64(X)
-        return x @ self.direction_ + self.intercept_raw_
+        x = check_rows(X)
+        if x.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has d_model {x.shape[1]} but the probe was fitted on {self.n_features_in_}"
+            )
+        wide = wide_dtype(x.device)
+        return like_input(X, x.to(wide) @ self.direction_.to(x.device, wide) + self.intercept_raw_)
+
+    def predict_proba(self, X: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows 2"]:
+        """Probabilities of labels 0 and 1, ``[rows, 2]``."""
+        z = torch.as_tensor(self.decision_function(X))
+        p = torch.sigmoid(z)
+        return like_input(X, torch.stack([1 - p, p], dim=1))
+
+    def predict(self, X: Float[Tensor, "rows d_model"]) -> Any:
+        """Label 1 where the logit is positive, else 0."""
+        z = torch.as_tensor(self.decision_function(X))
+        return like_input(X, (z > 0).long())
+
+    def transform(self, X: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows 1"]:
+        """Each row's scalar projection on the unit (raw-space) direction, ``[rows, 1]``."""
+        self.check_fitted()
+        return project_rows(X, self.direction_.unsqueeze(0))
 
     def fit_summary(self) -> dict[str, Param]:
         self.check_fitted()

@@ -1,290 +1,245 @@
 """Sparse-autoencoder latents whose activation rises after finetuning (the persona-features method).
 
-Two ways to get an SAE: train one with sae-lens from cached activations (no model re-run; a YAML
-file in ``sae_configs/`` holds the settings) or load a local sae-lens SAE directory. Latents are
-ranked by the increase of their mean activation from the base model to the finetune on the same
-prompts (optionally minus the same increase for a control finetune), and the top latents'
-decoder vectors are the candidate directions.
+Three ways to get an SAE, all in sae-lens' format: a pretrained one from sae-lens' registry
+(Gemma Scope, Llama Scope, ...; ``SaeLatents.from_pretrained``), a local sae-lens directory
+(``cfg.json`` + ``sae_weights.safetensors``; ``SaeLatents.from_disk``), or one trained here from
+cached activations (``sae_train``). An SAE's hook name is a TransformerLens name such as
+``blocks.12.hook_resid_post``, the same string as our ``Site``; an SAE is refused at a site or
+width other than its own, naming both. Latents are ranked by the increase of their mean
+activation from the base model to the finetune on the same prompts (optionally minus the same
+increase for a control finetune), and the top latents' decoder vectors are the candidate
+directions. Encoding runs on the SAE's device in its dtype; rows are moved there batch by batch.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import logging
-import tempfile
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 from jaxtyping import Float
+from sklearn.base import TransformerMixin, clone
 from torch import Tensor
 
 from mci_interp.direction import Param
-from mci_interp.extract._base import Estimator, as_float64, as_labels
+from mci_interp.extract._base import (
+    Estimator,
+    as_device,
+    as_dtype,
+    as_labels,
+    check_rows,
+    like_input,
+    wide_dtype,
+)
+from mci_interp.extract.sae_train import (
+    ARCHITECTURES,
+    SaeTrainConfig,
+    TrainedSae,
+    activation_batches,
+    resolve_config,
+    train_sae,
+)
+from mci_interp.sites import Site, as_site
+
+if TYPE_CHECKING:
+    from mci_interp.models import HookedModel
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("batchtopk", "topk")
+__all__ = [
+    "ARCHITECTURES",
+    "SaeLatents",
+    "SaeTrainConfig",
+    "TrainedSae",
+    "activation_batches",
+    "check_sae_fits",
+    "encode_mean",
+    "encode_rows",
+    "load_pretrained_sae",
+    "load_sae",
+    "resolve_config",
+    "sae_hook_name",
+    "sae_site",
+    "train_sae",
+]
+
+SAE_FILES = ("cfg.json", "sae_weights.safetensors")  # sae-lens' on-disk format
 
 
-@dataclass(frozen=True, kw_only=True)
-class SaeTrainConfig:
-    """Settings for training an SAE on cached activations (see ``sae_configs/*.yaml``).
+# --- loading -------------------------------------------------------------------------------------
+def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    from sae_lens.util import dtype_to_str
 
-    ``training_samples`` activation rows are drawn (with reshuffling each epoch) in batches of
-    ``batch_size``; ``lr_end`` defaults to ``lr`` (sae-lens' trainer needs it set explicitly).
-    ``hook_name``/``model`` record what the SAE is for; a mismatch with the data is refused.
-    """
-
-    architecture: str = "batchtopk"
-    d_in: int | None = None
-    d_sae: int = 4096
-    k: float = 16
-    lr: float = 3e-4
-    lr_end: float | None = None
-    lr_scheduler_name: str = "constant"
-    lr_warm_up_steps: int = 0
-    lr_decay_steps: int = 0
-    batch_size: int = 1024
-    training_samples: int = 1_000_000
-    normalize_activations: str = "expected_average_only_in"
-    aux_loss_coefficient: float = 1.0 / 32
-    decoder_init_norm: float | None = 0.1
-    rescale_acts_by_decoder_norm: bool = True
-    dead_feature_window: int = 1000
-    n_batches_for_norm_estimate: int = 50
-    hook_name: str | None = None
-    model: str | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"
-            )
-        for name in ("d_sae", "batch_size", "training_samples"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.k <= self.d_sae:
-            raise ValueError(f"k must be in (0, d_sae={self.d_sae}], got {self.k}")
-        if self.training_samples < self.batch_size:
-            raise ValueError(
-                f"training_samples ({self.training_samples}) is below one batch ({self.batch_size})"
-            )
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SaeTrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(
-                f"unknown SAE config keys {sorted(unknown)}; valid keys: {sorted(names)}"
-            )
-        return cls(**dict(d))
-
-    @classmethod
-    def from_yaml(cls, path: Path | str) -> SaeTrainConfig:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"SAE config {path} does not exist (see sae_configs/*.yaml)")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{path} must hold a YAML mapping of settings")
-        try:
-            return cls.from_dict(data)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> SaeTrainConfig:
-        return dataclasses.replace(self, **changes)
+    dt = as_dtype(dtype)
+    return None if dt is None else dtype_to_str(dt)
 
 
-def resolve_config(config: SaeTrainConfig | Mapping[str, Any] | str | Path) -> SaeTrainConfig:
-    if isinstance(config, SaeTrainConfig):
-        return config
-    if isinstance(config, Mapping):
-        return SaeTrainConfig.from_dict(config)
-    return SaeTrainConfig.from_yaml(config)
-
-
-def activation_batches(
-    acts: Float[Tensor, "rows d_in"], batch_size: int, *, generator: torch.Generator
-) -> Iterator[Tensor]:
-    """Endless shuffled minibatches of rows (reshuffled every epoch) for ``SAETrainer``."""
-    n = acts.shape[0]
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-            idx = perm[start : start + batch_size]
-            if idx.numel() < batch_size:  # fewer rows than one batch: sample with replacement
-                idx = torch.randint(n, (batch_size,), generator=generator)
-            yield acts[idx]
-
-
-@dataclass(eq=False)
-class TrainedSae:
-    """An inference sae-lens SAE trained here, and what the training measured."""
-
-    sae: Any
-    metrics: dict[str, float]
-
-
-def train_sae(
-    acts: Float[Tensor, "rows d_in"],
-    config: SaeTrainConfig | Mapping[str, Any] | str | Path,
+def load_sae(
+    path: Path | str,
     *,
-    hook_name: str | None = None,
-    model_name: str | None = None,
-    show_progress: bool = False,
-) -> TrainedSae:
-    """Train a sparse autoencoder with sae-lens' ``SAETrainer`` on cached activation rows.
-
-    No model is run: batches come straight from ``acts``. The result is converted to sae-lens'
-    inference form (BatchTopK saves as JumpReLU) so encoding no longer depends on the batch.
-    """
-    from sae_lens import SAE
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.training.sae_trainer import SAETrainer
-
-    cfg = resolve_config(config)
-    x = as_float64(acts, "acts").float()
-    d_in = int(x.shape[1])
-    if cfg.d_in is not None and cfg.d_in != d_in:
-        raise ValueError(f"SAE config says d_in={cfg.d_in} but the activations have d_in={d_in}")
-    hook = hook_name or cfg.hook_name
-    if cfg.hook_name is not None and hook_name is not None and cfg.hook_name != hook_name:
-        raise ValueError(
-            f"SAE config is for hook {cfg.hook_name!r} but the activations come from {hook_name!r}"
-        )
-    common = dict(
-        d_in=d_in,
-        d_sae=cfg.d_sae,
-        normalize_activations=cfg.normalize_activations,
-        aux_loss_coefficient=cfg.aux_loss_coefficient,
-        decoder_init_norm=cfg.decoder_init_norm,
-        rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm,
-    )
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-        torch.manual_seed(cfg.seed)
-        if cfg.architecture == "batchtopk":
-            sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=float(cfg.k), **common))
-        else:
-            sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=int(cfg.k), **common))
-    sae.cfg.metadata.hook_name = hook
-    sae.cfg.metadata.model_name = model_name or cfg.model
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=int(cfg.training_samples),
-        train_batch_size_samples=int(cfg.batch_size),
-        lr=cfg.lr,
-        lr_end=cfg.lr if cfg.lr_end is None else cfg.lr_end,
-        lr_scheduler_name=cfg.lr_scheduler_name,
-        lr_warm_up_steps=cfg.lr_warm_up_steps,
-        lr_decay_steps=cfg.lr_decay_steps,
-        dead_feature_window=cfg.dead_feature_window,
-        n_batches_for_norm_estimate=cfg.n_batches_for_norm_estimate,
-        logger=LoggingConfig(log_to_wandb=False),
-        device="cpu",
-    )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    trainer = SAETrainer(
-        cfg=trainer_cfg, sae=sae, data_provider=activation_batches(x, cfg.batch_size, generator=gen)
-    )
-    t0 = time.perf_counter()
-    if show_progress:
-        trainer.fit()
-    else:
-        import tqdm.auto as tqdm_auto
-        from sae_lens.training import sae_trainer as trainer_mod
-
-        orig = trainer_mod.tqdm
-        trainer_mod.tqdm = lambda *a, **k: tqdm_auto.tqdm(*a, **{**k, "disable": True})
-        try:
-            trainer.fit()
-        finally:
-            trainer_mod.tqdm = orig
-    seconds = time.perf_counter() - t0
-    dead = float(trainer.dead_neurons.float().mean())
-    with tempfile.TemporaryDirectory() as d:
-        sae.save_inference_model(d)
-        inf = SAE.load_from_disk(d, device="cpu")
-    with torch.no_grad():
-        probe = x[: min(4096, x.shape[0])]
-        feats = inf.encode(probe)
-        recon = inf.decode(feats)
-        mse = float(((recon - probe) ** 2).sum(1).mean())
-        fvu = mse / float(((probe - probe.mean(0)) ** 2).sum(1).mean().clamp_min(1e-12))
-        l0 = float((feats > 0).float().sum(1).mean())
-    metrics = {
-        "seconds": seconds,
-        "samples_per_s": cfg.training_samples / max(seconds, 1e-9),
-        "steps": float(trainer.n_training_steps),
-        "dead_fraction": dead,
-        "l0": l0,
-        "fvu": fvu,
-        "mse": mse,
-    }
-    log.info("trained SAE d_sae=%d on %d rows: %s", cfg.d_sae, x.shape[0], metrics)
-    return TrainedSae(sae=inf, metrics=metrics)
-
-
-def load_sae(path: Path | str) -> Any:
-    """Load a local sae-lens SAE directory (``cfg.json`` + ``sae_weights.safetensors``)."""
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Any:
+    """Load a local SAE saved in sae-lens' format (``cfg.json`` + ``sae_weights.safetensors``,
+    as ``SAE.save_model`` writes it) onto ``device`` (default CPU) in ``dtype`` (default: the
+    dtype in ``cfg.json``). Weights are read with safetensors, never unpickled."""
     from sae_lens import SAE
 
     path = Path(path)
-    if not (path / "cfg.json").exists():
-        raise FileNotFoundError(f"{path} is not a sae-lens SAE directory (no cfg.json)")
-    return SAE.load_from_disk(str(path), device="cpu")
+    missing = [name for name in SAE_FILES if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not a sae-lens SAE directory: {' and '.join(missing)} missing (expected "
+            f"{' + '.join(SAE_FILES)}, as sae_lens.SAE.save_model writes)"
+        )
+    dev = as_device(device) or torch.device("cpu")
+    return SAE.load_from_disk(str(path), device=str(dev), dtype=_dtype_name(dtype))
 
 
+def load_pretrained_sae(
+    release: str,
+    sae_id: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Any:
+    """A pretrained SAE from sae-lens' registry (``sae_lens.SAE.from_pretrained``; downloads
+    through the Hugging Face cache) onto ``device`` (default CPU) in ``dtype`` (default float32,
+    sae-lens' default). ``release`` and ``sae_id`` are names from
+    ``sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory()``."""
+    from sae_lens import SAE
+
+    dev = as_device(device) or torch.device("cpu")
+    return SAE.from_pretrained(
+        release, sae_id, device=str(dev), dtype=_dtype_name(dtype) or "float32"
+    )
+
+
+# --- hook names and widths -----------------------------------------------------------------------
 def sae_hook_name(sae: Any) -> str | None:
-    return getattr(sae.cfg.metadata, "hook_name", None)
+    """The hook the SAE reads (a TransformerLens name), or None where its config records none."""
+    hook = sae.cfg.metadata.hook_name  # sae-lens' metadata answers None for a missing key
+    return None if hook is None else str(hook)
 
 
-def check_sae_fits(sae: Any, *, d_in: int, hook_name: str | None) -> None:
-    """Refuse an SAE trained on another width or hook point, naming both."""
-    if int(sae.cfg.d_in) != int(d_in):
+def sae_site(sae: Any) -> Site | None:
+    """The ``Site`` an SAE reads (its TransformerLens hook name parsed), or None where unrecorded;
+    ValueError for a hook that is not a whole residual-stream site (one attention head, ``hook_z``)."""
+    hook = sae_hook_name(sae)
+    if hook is None:
+        return None
+    head = sae.cfg.metadata.hook_head_index
+    if head is not None:
         raise ValueError(
-            f"the SAE has d_in={sae.cfg.d_in} but the activations have d_in={d_in}: it was trained "
-            "on another model or site"
+            f"the SAE reads one attention head ({hook!r}, head {head}); only whole sites "
+            "(blocks.L.hook_resid_post and the like) can be used"
         )
-    trained = sae_hook_name(sae)
-    if hook_name is not None and trained is not None and trained != hook_name:
+    try:
+        return Site.parse(hook)
+    except ValueError:
         raise ValueError(
-            f"the SAE was trained on hook {trained!r} but the activations come from {hook_name!r}; "
-            "use an SAE for this site"
+            f"the SAE reads hook {hook!r}, which is not a site this toolkit caches (expected "
+            "blocks.L.hook_resid_pre/resid_mid/resid_post/attn_out/mlp_out); use an SAE trained "
+            "on one of those"
+        ) from None
+
+
+def check_sae_fits(
+    sae: Any,
+    *,
+    d_model: int | None = None,
+    site: Site | str | int | None = None,
+    n_layers: int | None = None,
+    what: str = "the activations",
+) -> None:
+    """Refuse an SAE read from another width, hook or depth than ``what`` (the activations or a
+    model), naming the SAE's ``hook_name``/``d_in`` and the other side's site/``d_model``."""
+    d_in = int(sae.cfg.d_in)
+    want = None if site is None else as_site(site)
+    sae_desc = f"the SAE (hook_name={sae_hook_name(sae)!r}, d_in={d_in})"
+    target = what + ("" if want is None else f" at site {want.hook_name!r}")
+    target += "" if d_model is None else f" (d_model={d_model})"
+    if d_model is not None and d_in != int(d_model):
+        raise ValueError(
+            f"{sae_desc} does not fit {target}: it was trained on another model's width; use an "
+            "SAE for this model"
         )
+    if want is None and n_layers is None:
+        return
+    trained = sae_site(sae)
+    if trained is None:
+        return
+    if want is not None and trained != want:
+        raise ValueError(
+            f"{sae_desc} does not fit {target}: it reads {trained.hook_name!r}, not "
+            f"{want.hook_name!r}; use an SAE for this site or cache {trained.hook_name!r}"
+        )
+    if n_layers is not None and trained.layer >= n_layers:
+        raise ValueError(
+            f"{sae_desc} does not fit {target}: it reads block {trained.layer} but the model has "
+            f"{n_layers} blocks (0..{n_layers - 1})"
+        )
+
+
+# --- encoding ------------------------------------------------------------------------------------
+def _sae_place(sae: Any) -> tuple[torch.device, torch.dtype]:
+    w = sae.W_dec
+    return w.device, w.dtype
+
+
+@torch.no_grad()
+def encode_rows(sae: Any, X: Tensor, *, batch_size: int = 4096) -> Tensor:
+    """SAE latent activations of rows, ``[rows, d_sae]``, on the SAE's device in its dtype."""
+    dev, dt = _sae_place(sae)
+    parts = [
+        sae.encode(X[start : start + batch_size].to(device=dev, dtype=dt))
+        for start in range(0, X.shape[0], batch_size)
+    ]
+    return torch.cat(parts)
 
 
 @torch.no_grad()
 def encode_mean(sae: Any, X: Tensor, *, batch_size: int = 4096) -> Tensor:
-    """Mean SAE latent activation over rows, ``[d_sae]`` float64."""
-    total = torch.zeros(int(sae.cfg.d_sae), dtype=torch.float64)
+    """Mean SAE latent activation over rows, ``[d_sae]`` float64 on the CPU. Rows are encoded on
+    the SAE's device in its dtype and summed there in float64 (float32 on MPS)."""
+    dev, dt = _sae_place(sae)
+    wide = wide_dtype(dev)
+    total = torch.zeros(int(sae.cfg.d_sae), dtype=wide, device=dev)
     for start in range(0, X.shape[0], batch_size):
-        total += sae.encode(X[start : start + batch_size].float()).double().sum(0)
-    return total / X.shape[0]
+        batch = X[start : start + batch_size].to(device=dev, dtype=dt)
+        total += sae.encode(batch).to(wide).sum(0)
+    return (total / X.shape[0]).to("cpu", torch.float64)
 
 
-class SaeLatents(Estimator):
+def _describe(sae: Any) -> str:
+    return (
+        f"{type(sae).__name__}(d_in={int(sae.cfg.d_in)}, d_sae={int(sae.cfg.d_sae)}, "
+        f"hook_name={sae_hook_name(sae)!r})"
+    )
+
+
+# --- the estimator -------------------------------------------------------------------------------
+class SaeLatents(TransformerMixin, Estimator):
     """Rank SAE latents by how much more they fire on the finetune than on the base model.
 
     ``fit(X, y)``: rows with ``y == 1`` are finetune activations and ``y == 0`` base activations
     on the same prompts. ``score_[i] = mean_ft[i] - mean_base[i]``, minus the control finetune's
-    increase when ``control`` rows are given. The SAE comes from ``sae_path`` (a local sae-lens
-    directory) or is trained on ``train_acts`` (default: all rows of ``X``) with ``config``.
+    increase when ``control`` rows are given. The SAE is ``sae`` (an sae-lens SAE in memory, as
+    the ``from_pretrained``/``from_disk`` constructors set it; clones share it, it is never
+    modified), else it is loaded from ``sae_path`` (a local sae-lens directory) or from sae-lens'
+    registry (``release`` + ``sae_id``), or trained on ``train_acts`` (default: all rows of ``X``)
+    with ``config``. ``device``/``dtype`` place an SAE this estimator loads or trains (default:
+    the rows' device; a loaded SAE keeps its stored dtype, a trained one is float32, see
+    ``sae_train``); rows are then encoded where the SAE is. ``transform(X)`` is the SAE's latent
+    activations, ``[rows, d_sae]``.
 
     Fitted: ``sae_``, ``scores_`` [d_sae], ``latents_`` (top ``top_k`` ids), ``decoder_``
     [top_k, d_in] (unit decoder rows), ``direction_`` (the best latent's decoder row),
-    ``mean_base_``, ``mean_ft_``, ``train_metrics_`` (empty for a loaded SAE).
+    ``mean_base_``, ``mean_ft_``, ``train_metrics_`` (empty for a loaded SAE),
+    ``n_features_in_``; all but ``sae_`` float64 on the CPU.
     """
 
     method = "sae_latent"
@@ -292,17 +247,171 @@ class SaeLatents(Estimator):
     def __init__(
         self,
         *,
-        config: str | None = None,
+        config: str | Mapping[str, Any] | None = None,
         sae_path: str | None = None,
+        release: str | None = None,
+        sae_id: str | None = None,
+        sae: Any = None,
         top_k: int = 5,
         hook_name: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
         show_progress: bool = False,
     ) -> None:
         self.config = config
         self.sae_path = sae_path
+        self.release = release
+        self.sae_id = sae_id
+        self.sae = sae
         self.top_k = top_k
         self.hook_name = hook_name
+        self.device = device
+        self.dtype = dtype
         self.show_progress = show_progress
+
+    # --- constructors ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        release: str,
+        sae_id: str,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        model: HookedModel | None = None,
+        site: Site | str | int | None = None,
+        top_k: int = 5,
+    ) -> SaeLatents:
+        """An estimator around a pretrained SAE from sae-lens' registry, loaded now onto
+        ``device`` (default: ``model``'s device, else CPU) in ``dtype`` (default float32).
+
+        With ``model`` and/or ``site``, the SAE must read that site (its hook name, parsed as a
+        ``Site``) and the model's width; a mismatch raises ValueError naming both.
+        """
+        dev = device if device is not None or model is None else model.device
+        sae = load_pretrained_sae(release, sae_id, device=dev, dtype=dtype)
+        return cls._around(
+            sae,
+            model=model,
+            site=site,
+            what=f"SAE {release}/{sae_id}",
+            params={
+                "release": release,
+                "sae_id": sae_id,
+                "top_k": top_k,
+                "device": device,
+                "dtype": dtype,
+            },
+        )
+
+    @classmethod
+    def from_disk(
+        cls,
+        path: Path | str,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        model: HookedModel | None = None,
+        site: Site | str | int | None = None,
+        top_k: int = 5,
+    ) -> SaeLatents:
+        """An estimator around a local sae-lens SAE directory, loaded now (see ``load_sae``;
+        ``device`` defaults to ``model``'s, else CPU) and checked like ``from_pretrained``."""
+        dev = device if device is not None or model is None else model.device
+        sae = load_sae(path, device=dev, dtype=dtype)
+        return cls._around(
+            sae,
+            model=model,
+            site=site,
+            what=f"SAE {path}",
+            params={"sae_path": str(path), "top_k": top_k, "device": device, "dtype": dtype},
+        )
+
+    @classmethod
+    def _around(
+        cls,
+        sae: Any,
+        *,
+        model: HookedModel | None,
+        site: Site | str | int | None,
+        what: str,
+        params: dict[str, Any],
+    ) -> SaeLatents:
+        if model is not None:
+            check_sae_fits(
+                sae,
+                d_model=model.d_model,
+                site=site,
+                n_layers=model.n_layers,
+                what=f"model {model.name}",
+            )
+        elif site is not None:
+            check_sae_fits(sae, site=site)
+        where = as_site(site) if site is not None else sae_site(sae)
+        log.info("%s: %s", what, _describe(sae))
+        hook = None if where is None else where.hook_name
+        return cls(sae=sae, hook_name=hook, **params)
+
+    def __sklearn_clone__(self) -> SaeLatents:
+        """An unfitted copy that shares the (read-only) SAE object instead of deep-copying it."""
+        params = self.get_params(deep=False)
+        sae = params.pop("sae")
+        new = type(self)(sae=sae, **clone(params, safe=False))
+        if hasattr(self, "_metadata_request"):  # requests set with set_fit_request(...)
+            new._metadata_request = copy.deepcopy(self._metadata_request)
+        return new
+
+    # --- fit -----------------------------------------------------------------------------------
+    def _where(self, site: Site | str | int | None) -> Site | None:
+        given = None if site is None else as_site(site)
+        mine = None if self.hook_name is None else as_site(self.hook_name)
+        if given is not None and mine is not None and given != mine:
+            raise ValueError(
+                f"SaeLatents was set up for hook {mine.hook_name!r} but the rows come from "
+                f"{given.hook_name!r}"
+            )
+        return given or mine
+
+    def _get_sae(
+        self, x: Tensor, train_acts: Any, where: Site | None
+    ) -> tuple[Any, dict[str, float]]:
+        """The SAE to score with, and its training metrics (empty unless trained here)."""
+        if self.sae is not None:
+            return self.sae, {}
+        sources = [
+            name
+            for name, value in (
+                ("sae_path", self.sae_path),
+                ("release", self.release),
+                ("config", self.config),
+            )
+            if value is not None
+        ]
+        if len(sources) > 1:
+            raise ValueError(f"SaeLatents got several SAE sources ({', '.join(sources)}); set one")
+        device = as_device(self.device) or x.device
+        if self.sae_path is not None:
+            return load_sae(self.sae_path, device=device, dtype=self.dtype), {}
+        if self.release is not None:
+            if self.sae_id is None:
+                raise ValueError(f"release={self.release!r} needs sae_id= (an id in that release)")
+            sae = load_pretrained_sae(self.release, self.sae_id, device=device, dtype=self.dtype)
+            return sae, {}
+        if self.config is None:
+            raise ValueError(
+                "SaeLatents needs an SAE: set sae_path=<sae-lens dir>, release= and sae_id= "
+                "(sae-lens' registry), config=<sae_configs/*.yaml> (train one) or sae=<SAE>"
+            )
+        data = x if train_acts is None else check_rows(train_acts, "train_acts")
+        trained = train_sae(
+            data,
+            self.config,
+            hook_name=None if where is None else where.hook_name,
+            device=device,
+            dtype=self.dtype,
+            show_progress=self.show_progress,
+        )
+        return trained.sae, trained.metrics
 
     def fit(
         self,
@@ -312,41 +421,28 @@ class SaeLatents(Estimator):
         *,
         control: Float[Tensor, "rows d_model"] | None = None,
         train_acts: Float[Tensor, "rows d_model"] | None = None,
-        sae: Any = None,
-        hook_name: str | None = None,
+        site: Site | str | int | None = None,
     ) -> SaeLatents:
-        """Score latents on finetune (``y == 1``) vs base (``y == 0``) rows; ``sae`` overrides
-        ``sae_path``/``config`` with an SAE object already in memory. ``hook_name`` (where the
-        rows come from; ``extract`` passes the site) must match the hook the SAE was trained on."""
-        hook = hook_name or self.hook_name
-        if hook_name and self.hook_name and hook_name != self.hook_name:
-            raise ValueError(
-                f"SaeLatents was set up for hook {self.hook_name!r} but the rows come from "
-                f"{hook_name!r}"
-            )
-        x = as_float64(X)
+        """Score latents on finetune (``y == 1``) vs base (``y == 0``) rows. ``groups`` is accepted
+        for the common signature and unused. Fit metadata: ``control`` (a control finetune's
+        rows), ``train_acts`` (rows to train an SAE on) and ``site`` (where the rows come from;
+        ``extract`` passes it), which must be the SAE's own hook."""
+        if self.sae_id is not None and self.release is None:
+            raise ValueError(f"sae_id={self.sae_id!r} needs release= (a sae-lens release name)")
+        where = self._where(site)
+        x = check_rows(X)
         lab = as_labels(y, x.shape[0])
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        self.train_metrics_: dict[str, float] = {}
-        if sae is None and self.sae_path is not None:
-            sae = load_sae(self.sae_path)
-        if sae is None:
-            if self.config is None:
-                raise ValueError(
-                    "SaeLatents needs an SAE: set sae_path=<sae-lens dir> or "
-                    "config=<sae_configs/*.yaml>, or pass sae= to fit"
-                )
-            data = x if train_acts is None else as_float64(train_acts, "train_acts")
-            trained = train_sae(data, self.config, hook_name=hook, show_progress=self.show_progress)
-            sae, self.train_metrics_ = trained.sae, trained.metrics
-        check_sae_fits(sae, d_in=x.shape[1], hook_name=hook)
+        sae, self.train_metrics_ = self._get_sae(x, train_acts, where)
+        check_sae_fits(sae, d_model=int(x.shape[1]), site=where)
         self.sae_ = sae
-        self.mean_base_ = encode_mean(sae, x[lab == 0])
-        self.mean_ft_ = encode_mean(sae, x[lab == 1])
+        pos = (lab == 1).to(x.device)
+        self.mean_base_ = encode_mean(sae, x[~pos])
+        self.mean_ft_ = encode_mean(sae, x[pos])
         scores = self.mean_ft_ - self.mean_base_
         if control is not None:
-            c = as_float64(control, "control")
+            c = check_rows(control, "control")
             if c.shape[1] != x.shape[1]:
                 raise ValueError(f"control has d_model {c.shape[1]} but X has {x.shape[1]}")
             self.mean_control_ = encode_mean(sae, c)
@@ -354,10 +450,26 @@ class SaeLatents(Estimator):
         self.scores_ = scores
         k = min(self.top_k, scores.numel())
         self.latents_ = torch.topk(scores, k).indices
-        W = sae.W_dec.detach().double()[self.latents_]
+        W = sae.W_dec.detach()[self.latents_.to(sae.W_dec.device)].to("cpu", torch.float64)
         self.decoder_ = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.direction_ = self.decoder_[0].clone()
+        self.n_features_in_ = int(x.shape[1])
         return self
+
+    def transform(self, X: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows d_sae"]:
+        """The SAE's latent activations of rows, ``[rows, d_sae]``, in the SAE's dtype (a tensor
+        on ``X``'s device for a tensor, else a NumPy array)."""
+        self.check_fitted()
+        x = check_rows(X)
+        check_sae_fits(self.sae_, d_model=int(x.shape[1]))
+        return like_input(X, encode_rows(self.sae_, x))
+
+    # --- provenance ----------------------------------------------------------------------------
+    def provenance_params(self) -> dict[str, Param]:
+        """As for every estimator, with an in-memory ``sae`` recorded by its description."""
+        out = super().provenance_params()
+        out["sae"] = None if self.sae is None else _describe(self.sae)
+        return out
 
     def fit_summary(self) -> dict[str, Param]:
         self.check_fitted()

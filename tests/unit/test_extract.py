@@ -172,7 +172,7 @@ def test_sae_latents_find_planted_latent_and_control_removes_it(tmp_path):
     assert est.decoder_.shape == (3, d)
     assert est.train_metrics_["fvu"] < 0.5 and est.train_metrics_["samples_per_s"] > 0
     # the same SAE, scored against a control finetune that shows the same increase
-    ctl = SaeLatents(top_k=3).fit(X, y, control=ctrl, sae=est.sae_)
+    ctl = SaeLatents(top_k=3, sae=est.sae_).fit(X, y, control=ctrl)
     top_id = int(est.latents_[0])
     assert abs(float(ctl.scores_[top_id])) < 0.2 * float(est.scores_[top_id])
     # a saved SAE loads back from a local directory and ranks the same latents
@@ -191,9 +191,9 @@ def test_sae_latents_find_planted_latent_and_control_removes_it(tmp_path):
     # wrong hook or width is refused, naming both
     est.sae_.cfg.metadata.hook_name = "blocks.3.hook_resid_post"
     with pytest.raises(ValueError, match="blocks.3.hook_resid_post.*blocks.9.hook_resid_post"):
-        SaeLatents(hook_name="blocks.9.hook_resid_post").fit(X, y, sae=est.sae_)
-    with pytest.raises(ValueError, match="d_in=32.*d_in=16"):
-        SaeLatents().fit(X[:, :16], y, sae=est.sae_)
+        SaeLatents(hook_name="blocks.9.hook_resid_post", sae=est.sae_).fit(X, y)
+    with pytest.raises(ValueError, match="d_in=32.*d_model=16"):
+        SaeLatents(sae=est.sae_).fit(X[:, :16], y)
     est.sae_.save_model(tmp_path / "sae_l3")  # extract checks the site against the SAE's hook
     with pytest.raises(ValueError, match="blocks.3.hook_resid_post.*blocks.9.hook_resid_post"):
         extract(SaeLatents(sae_path=str(tmp_path / "sae_l3")), X, y, site=Site(9))
@@ -340,5 +340,5 @@ def test_estimators_follow_sklearn_conventions():
     X, y, groups, _ = planted(n_groups=12, per_group=4, d=8)
     assert p.fit(X, y, groups) is p
     assert not hasattr(q, "direction_")
-    with pytest.raises(ValueError, match="no parameter"):
+    with pytest.raises(ValueError, match="Invalid parameter 'c'"):
         p.set_params(c=1.0)
