@@ -2,7 +2,8 @@
 
 Pure math on torch tensors (float64 inside); no model code. Anything with a ``.vector`` (a
 ``Direction``), a mapping ``name -> vector`` or a ``[n, d_model]`` tensor can be compared.
-Every resampling function takes a ``torch.Generator`` and never touches the global RNG.
+Every resampling function takes a ``torch.Generator`` and never touches the global RNG; the
+resampling itself (bootstrap, split halves, p-values, quantiles) is ``mci_interp.stats``'s.
 
 Conventions: cosines are reported both signed and absolute (some public helpers return |cos| by
 default, which hides anti-aligned directions); nulls resample *prompts* (groups), never rows,
@@ -20,6 +21,17 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from mci_interp.stats import (
+    bootstrap,
+    check_level,
+    empirical_p_value,
+    index_counts,
+    percentile_interval,
+    quantile,
+    spearman_brown,
+    split_half,
+)
 
 ArrayLike = Tensor | np.ndarray | Sequence[float]
 
@@ -298,8 +310,7 @@ class RandomNull:
         return float(self.absolute.mean())
 
     def quantile(self, q: float = 0.95, *, absolute: bool = True) -> float:
-        x = self.absolute if absolute else self.signed
-        return float(torch.quantile(x, q))
+        return quantile(self.absolute if absolute else self.signed, q)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -319,7 +330,8 @@ def random_direction_null(
     """``n`` cosines between independent Gaussian vector pairs in ``d_model`` dimensions.
 
     E|cos| is about sqrt(2 / (pi d)) (0.033 for d = 576): the level below which a cosine between
-    two directions means nothing.
+    two directions means nothing. Each block of ``chunk`` pairs is one ``[m, 2, d_model]`` draw
+    (the convergence analysis's random null is this function).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -327,9 +339,8 @@ def random_direction_null(
     out = []
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        a = torch.randn(m, d_model, generator=generator, dtype=torch.float64)
-        b = torch.randn(m, d_model, generator=generator, dtype=torch.float64)
-        out.append((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)))
+        r = torch.randn(m, 2, d_model, generator=generator, dtype=torch.float64)
+        out.append(torch.nn.functional.cosine_similarity(r[:, 0], r[:, 1], dim=-1))
     return RandomNull(
         d_model=d_model,
         signed=torch.cat(out),
@@ -363,12 +374,6 @@ def _check_xyg(X: Any, y: Any, groups: Any, name: str = "X") -> tuple[Tensor, Te
         _, inv = np.unique(np.asarray([str(k) for k in keys]), return_inverse=True)
         codes = torch.as_tensor(inv.astype(np.int64))
     return x, lab, codes
-
-
-def diff_means_rows(X: ArrayLike, y: ArrayLike) -> Float[Tensor, " d_model"]:
-    """mean(X[y==1]) - mean(X[y==0]) in float64 (rows weighted equally)."""
-    x, lab, _ = _check_xyg(X, y, None)
-    return x[lab == 1].mean(0) - x[lab == 0].mean(0)
 
 
 @dataclass(frozen=True)
@@ -424,7 +429,7 @@ class PermutationNull:
     @property
     def norm_p_value(self) -> float:
         """Empirical p-value of the observed diff-means norm under the permutation null."""
-        return float((1 + (self.norms >= self.observed_norm).sum()) / (1 + self.norms.numel()))
+        return empirical_p_value(self.observed_norm, self.norms)
 
     def to_dict(self) -> dict[str, Any]:
         return _dataclass_dict(self) | {"norm_p_value": self.norm_p_value}
@@ -534,8 +539,7 @@ def bootstrap_cosine(
     same resampled prompts are used for both (a paired bootstrap); otherwise each side resamples
     its own prompts. Samples where a side draws no positive or no negative rows are skipped.
     """
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    check_level(level)
     if n_boot < 2:
         raise ValueError(f"n_boot must be >= 2, got {n_boot}")
     xa, la, _ = _check_xyg(Xa, ya, groups_a, "Xa")
@@ -557,31 +561,26 @@ def bootstrap_cosine(
     da = xa[la == 1].mean(0) - xa[la == 0].mean(0)
     db = xb[lb == 1].mean(0) - xb[lb == 0].mean(0)
     est = float(_cos_rows(da, db))
-    samples, skipped = [], 0
-    chunk = 256
-    for start in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - start)
-        idx_a = torch.randint(Ga, (m, Ga), generator=generator)
-        wa = torch.zeros(m, Ga, dtype=torch.float64).scatter_add_(
-            1, idx_a, torch.ones(m, Ga, dtype=torch.float64)
-        )
-        if paired:
-            wb = wa
-        else:
-            idx_b = torch.randint(Gb, (m, Gb), generator=generator)
-            wb = torch.zeros(m, Gb, dtype=torch.float64).scatter_add_(
-                1, idx_b, torch.ones(m, Gb, dtype=torch.float64)
-            )
-        va, ok_a = sa.diff(wa)
-        vb, ok_b = sb.diff(wb)
-        ok = ok_a & ok_b
-        skipped += int((~ok).sum())
-        samples.append(_cos_rows(va[ok], vb[ok]))
-    s = torch.cat(samples)
+
+    def resampled_cosine(idx_a: Tensor, idx_b: Tensor | None = None) -> Tensor:
+        wa = index_counts(idx_a, Ga)
+        wb = wa if idx_b is None else index_counts(idx_b, Gb)
+        (va, ok_a), (vb, ok_b) = sa.diff(wa), sb.diff(wb)
+        return torch.where(ok_a & ok_b, _cos_rows(va, vb), torch.nan)
+
+    # paired: one resample of the shared prompts serves both sides; else each side its own
+    boots = bootstrap(
+        resampled_cosine,
+        Ga if paired else (Ga, Gb),
+        n_boot=n_boot,
+        generator=generator,
+        chunk=256,
+    )
+    defined = ~torch.isnan(boots)
+    s, skipped = boots[defined], int((~defined).sum())
     if s.numel() < 2:
         raise ValueError("almost every bootstrap sample lacked a class; too few prompts per label")
-    alpha = (1 - level) / 2
-    lo, hi = torch.quantile(s, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    lo, hi = percentile_interval(s, level)
     return BootstrapCI(
         estimate=est, lo=lo, hi=hi, level=level, samples=s, n_skipped=skipped, paired=paired
     )
@@ -603,8 +602,7 @@ class SplitHalf:
 
     @property
     def spearman_brown(self) -> float:
-        r = self.mean
-        return 2 * r / (1 + r) if r > -1 else float("nan")
+        return spearman_brown(self.mean)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -623,10 +621,8 @@ def split_half_reliability(
     n_splits: int = 50,
     generator: torch.Generator,
 ) -> SplitHalf:
-    """Cosine between diff-means of two disjoint random halves of the prompts, ``n_splits`` times.
-
-    A split whose half lacks a class is redrawn (up to 20 times per split).
-    """
+    """Cosine between diff-means of two disjoint random halves of the prompts, ``n_splits`` times
+    (``stats.split_half``; a split whose half lacks a class is redrawn, up to 20 times)."""
     if n_splits < 1:
         raise ValueError(f"n_splits must be >= 1, got {n_splits}")
     x, lab, codes = _check_xyg(X, y, groups)
@@ -634,23 +630,22 @@ def split_half_reliability(
     if G < 4:
         raise ValueError(f"need at least 4 prompts (groups) to split in halves, got {G}")
     sums = _GroupSums.build(x, lab, codes)
-    out = []
-    for _ in range(n_splits):
-        for _attempt in range(20):
-            perm = torch.randperm(G, generator=generator)
-            w = torch.zeros(2, G, dtype=torch.float64)
-            w[0, perm[: G // 2]] = 1.0
-            w[1, perm[G // 2 :]] = 1.0
-            d, ok = sums.diff(w)
-            if bool(ok.all()):
-                out.append(_cos_rows(d[0], d[1]))
-                break
-        else:
-            raise ValueError(
-                "could not split the prompts into halves that both hold both labels; "
-                "too few prompts per label"
-            )
-    return SplitHalf(samples=torch.stack(out), n_groups=G)
+
+    def halves_cosine(h1: Tensor, h2: Tensor) -> float | None:
+        w = torch.zeros(2, G, dtype=torch.float64)
+        w[0, h1] = 1.0
+        w[1, h2] = 1.0
+        d, ok = sums.diff(w)
+        return float(_cos_rows(d[0], d[1])) if bool(ok.all()) else None
+
+    try:
+        samples = split_half(halves_cosine, G, n_splits=n_splits, generator=generator)
+    except ValueError:
+        raise ValueError(
+            "could not split the prompts into halves that both hold both labels; "
+            "too few prompts per label"
+        ) from None
+    return SplitHalf(samples=samples, n_groups=G)
 
 
 @dataclass(frozen=True)
@@ -689,11 +684,10 @@ def compare_to_null(
     obs = float(observed)
     if not math.isfinite(obs):
         raise ValueError(f"observed must be finite, got {observed}")
-    p = float((1 + (null >= obs).sum()) / (1 + null.numel()))
     return NullComparison(
         observed=obs,
-        p_value=p,
-        null_quantile=float(torch.quantile(null, 1 - alpha)),
+        p_value=empirical_p_value(obs, null),
+        null_quantile=quantile(null, 1 - alpha),
         null_mean=float(null.mean()),
         alpha=alpha,
         n_null=int(null.numel()),
@@ -711,7 +705,6 @@ __all__ = [
     "compare_to_null",
     "cosine",
     "cosine_matrix",
-    "diff_means_rows",
     "expected_abs_cosine",
     "permutation_null",
     "principal_angles",

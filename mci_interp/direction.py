@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +22,7 @@ from torch import Tensor
 
 from mci_interp import __version__
 from mci_interp._io import atomic_path, read_json, write_json
-from mci_interp.sites import Site
+from mci_interp.sites import Site, as_site
 
 Param = str | int | float | bool | None
 
@@ -79,6 +78,8 @@ class Direction:
     provenance: Provenance
 
     def __post_init__(self) -> None:
+        if not isinstance(self.site, Site):  # a hook name or layer number given by the user
+            object.__setattr__(self, "site", as_site(self.site))
         v = self.vector
         if not isinstance(v, Tensor) or v.ndim != 1:
             raise ValueError(
@@ -234,13 +235,3 @@ class DirectionSet(Sequence[Direction]):
         if index.get("format") != "mci_interp.direction_set/1":
             raise ValueError(f"{folder}/index.json is not an mci_interp direction set index")
         return cls([Direction.load(folder / n) for n in index["files"]])
-
-
-def unit_vector(v: Tensor) -> Tensor:
-    n = v.norm()
-    return v / n if n > 0 else v
-
-
-def expected_random_abs_cosine(d_model: int) -> float:
-    """E|cos| between two random Gaussian directions in d dimensions (~ sqrt(2/(pi d)))."""
-    return math.sqrt(2.0 / (math.pi * d_model))

@@ -21,6 +21,7 @@ control CI above zero): then the directions compared carry no misalignment to co
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +31,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mci_interp.compare import expected_abs_cosine
-from mci_interp.evaluate import Estimate
+from mci_interp.compare import expected_abs_cosine, random_direction_null
+from mci_interp.stats import (
+    Estimate,
+    bootstrap,
+    percentile_interval,
+    quantile,
+    random_signs,
+    split_half,
+)
 
 
 def _cos(a: Tensor, b: Tensor) -> float:
@@ -79,6 +87,12 @@ class LayerConvergence:
     null_perm: Float[Tensor, " k"]
     reliability: Mapping[str, float]
 
+    @property
+    def null95(self) -> float:
+        """The bar a pair's CI must clear: the larger 95th percentile of the random and the
+        seed-noise nulls (|cos|)."""
+        return max(self.null_random95, _q95(self.null_seed) if self.null_seed.numel() else 0.0)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "layer": self.layer,
@@ -96,7 +110,7 @@ class LayerConvergence:
 
 
 def _q95(x: Tensor) -> float:
-    return float(torch.quantile(x.double().abs(), 0.95)) if x.numel() else float("nan")
+    return quantile(x.abs(), 0.95)
 
 
 def layer_convergence(
@@ -133,9 +147,7 @@ def layer_convergence(
         cmat[i, j] = cmat[j, i] = _cos(vec[doms[i]], vec[doms[j]])
         nmat[i, j] = nmat[j, i] = _cos(naive[doms[i]], naive[doms[j]])
     # nulls: random directions; cross-domain cosines of seed-noise contrasts; label permutations
-    r = torch.randn(2000, 2, d_model, generator=g, dtype=torch.float64)
-    rnd = torch.nn.functional.cosine_similarity(r[:, 0], r[:, 1], dim=-1).abs()
-    null_random95 = float(torch.quantile(rnd, 0.95))
+    null_random95 = random_direction_null(d_model, 2000, generator=g).quantile(0.95)
     seed_null = []
     for a, b in itertools.combinations(doms, 2):
         for da in control_seed_diffs.get(a, []):
@@ -145,7 +157,7 @@ def layer_convergence(
     for _ in range(n_perm):
         flipped = {}
         for d in doms:
-            signs = torch.randint(0, 2, (len(organism_diffs[d]),), generator=g) * 2 - 1
+            signs = random_signs(len(organism_diffs[d]), generator=g)
             # flip the organism/control label of whole seeds; an all-(+1) draw is the observed one
             flipped[d] = contrast_vectors(
                 [s * x for s, x in zip(signs.tolist(), organism_diffs[d], strict=True)]
@@ -155,36 +167,35 @@ def layer_convergence(
     null_seed_t = torch.tensor(seed_null, dtype=torch.float64)
     null_perm_t = torch.tensor(perm_null, dtype=torch.float64)
     bar = max(null_random95, _q95(null_seed_t) if seed_null else 0.0)
+
+    def contrast_cos(a: str, b: str, rows_a: Tensor, rows_b: Tensor) -> float:
+        """Cosine of domain a's contrast on prompts ``rows_a`` with domain b's on ``rows_b``."""
+        return _cos(
+            contrast_vectors([x[rows_a] for x in organism_diffs[a]]),
+            contrast_vectors([x[rows_b] for x in organism_diffs[b]]),
+        )
+
+    def resampled_cos(a: str, b: str, idx: Tensor) -> list[float]:
+        # the same resampled prompts on both sides: the domains answer the same prompts
+        return [contrast_cos(a, b, i, i) for i in idx]
+
     pairs = []
     for a, b in itertools.combinations(doms, 2):
-        boots = []
-        for _ in range(n_boot):
-            idx = torch.randint(0, n_prompts, (n_prompts,), generator=g)
-            boots.append(
-                _cos(
-                    contrast_vectors([x[idx] for x in organism_diffs[a]]),
-                    contrast_vectors([x[idx] for x in organism_diffs[b]]),
-                )
-            )
-        bt = torch.tensor(boots, dtype=torch.float64)
-        lo, hi = (
-            float(q) for q in torch.quantile(bt, torch.tensor([0.025, 0.975], dtype=torch.float64))
+        boots = bootstrap(
+            functools.partial(resampled_cos, a, b), n_prompts, n_boot=n_boot, generator=g
         )
+        lo, hi = percentile_interval(boots, 0.95)
         c = _cos(vec[a], vec[b])
         pairs.append(PairStat(a, b, c, (lo, hi), bar, lo > bar))
-    rel = {}
-    for d in doms:
-        vals = []
-        for _ in range(50):
-            perm = torch.randperm(n_prompts, generator=g)
-            h1, h2 = perm[: n_prompts // 2], perm[n_prompts // 2 :]
-            vals.append(
-                _cos(
-                    contrast_vectors([x[h1] for x in organism_diffs[d]]),
-                    contrast_vectors([x[h2] for x in organism_diffs[d]]),
-                )
-            )
-        rel[d] = float(torch.tensor(vals).mean())
+    # split-half reliability: mean cosine of the contrast on disjoint halves of the prompts
+    rel = {
+        d: float(
+            split_half(
+                functools.partial(contrast_cos, d, d), n_prompts, n_splits=50, generator=g
+            ).mean()
+        )
+        for d in doms
+    }
     return LayerConvergence(
         layer=layer,
         domains=doms,

@@ -36,7 +36,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mci_interp.evaluate import Estimate, bootstrap_mean
+from mci_interp import stats
+from mci_interp.stats import Estimate, bootstrap_mean
 
 LABELS = ("aligned", "fluency", "gated", "internalised", "partial")
 
@@ -116,7 +117,7 @@ def layer_profile(
     for layer, u in sorted(directions.items()):
         est = standardised_shift(org_acts[:, layer], base_acts[:, layer], u, seed=seed + layer)
         null = random_shift_null(org_acts[:, layer], base_acts[:, layer], generator=g)
-        out.append(LayerShift(layer, est, float(torch.quantile(null, quantile))))
+        out.append(LayerShift(layer, est, stats.quantile(null, quantile)))
     return out
 
 

@@ -9,26 +9,17 @@ import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from mci_interp.plot.colours import KIND_COLOURS
 
 if TYPE_CHECKING:
     from mci_interp.analysis.convergence import ConvergenceReport, SteerResult, TransferMatrix
     from mci_interp.analysis.internalisation import InternalisationReport
-    from mci_interp.evaluate import Estimate
+    from mci_interp.stats import Estimate
 
-KIND_COLOURS = {
-    "narrow": "#c0392b",
-    "control": "#2e86c1",
-    "trigger": "#8e44ad",
-    "prompted": "#e67e22",
-    "distilled": "#16a085",
-    "base": "#7f8c8d",
-}
 LABEL_COLOURS = {
     "aligned": "#2e86c1",
     "fluency": "#e67e22",
@@ -62,13 +53,7 @@ def plot_convergence_by_layer(conv: ConvergenceReport) -> Figure:
             alpha=0.6,
             label=f"naive (finetune - base) {doms[i]} vs {doms[j]}",
         )
-    band = [
-        max(
-            lc.null_random95,
-            float(np.quantile(lc.null_seed.abs().numpy(), 0.95)) if lc.null_seed.numel() else 0,
-        )
-        for lc in conv.layers
-    ]
+    band = [lc.null95 for lc in conv.layers]
     ax.fill_between(
         layers,
         [-b for b in band],
@@ -227,6 +212,22 @@ def plot_internalisation(reports: Sequence[InternalisationReport]) -> Figure:
     return fig
 
 
+def _estimate_bars(
+    ax, ests: dict[str, Estimate], colours: list[str], *, alpha: float | None = None
+) -> None:
+    """Horizontal bars of estimates with their CIs, the first at the top."""
+    names = list(ests)
+    y = np.arange(len(names))
+    m = np.array([ests[k].mean for k in names])
+    err = np.array(
+        [[ests[k].mean - ests[k].lo for k in names], [ests[k].hi - ests[k].mean for k in names]]
+    )
+    ax.barh(y, m, xerr=err, color=colours, alpha=alpha)
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()
+
+
 def plot_behaviour(
     scores: dict[str, Estimate], kinds: dict[str, str], takeover: dict[str, Estimate] | None = None
 ) -> Figure:
@@ -241,42 +242,17 @@ def plot_behaviour(
         constrained_layout=True,
     )
     ax = axes[0, 0]
-    y = np.arange(len(names))
-    m = np.array([scores[k].mean for k in names])
-    err = np.array(
-        [
-            [scores[k].mean - scores[k].lo for k in names],
-            [scores[k].hi - scores[k].mean for k in names],
-        ]
-    )
-    ax.barh(
-        y, m, xerr=err, color=[KIND_COLOURS.get(kinds.get(k, ""), "k") for k in names], alpha=0.85
-    )
-    ax.set_yticks(y)
-    ax.set_yticklabels(names, fontsize=7)
+    colours = [KIND_COLOURS.get(kinds.get(k, ""), "k") for k in names]
+    _estimate_bars(ax, scores, colours, alpha=0.85)
     ax.axvline(0, color="k", lw=0.6)
-    ax.invert_yaxis()
     ax.set(
         xlabel="misaligned - aligned log-prob per token, minus base (nats)",
         title="Out-of-domain misalignment",
     )
     if takeover:
         ax2 = axes[0, 1]
-        tn = list(takeover)
-        ty = np.arange(len(tn))
-        tm = np.array([takeover[k].mean for k in tn])
-        terr = np.array(
-            [
-                [takeover[k].mean - takeover[k].lo for k in tn],
-                [takeover[k].hi - takeover[k].mean for k in tn],
-            ]
-        )
-        ax2.barh(
-            ty, tm, xerr=terr, color=[KIND_COLOURS.get(kinds.get(k, "base"), "#7f8c8d") for k in tn]
-        )
-        ax2.set_yticks(ty)
-        ax2.set_yticklabels(tn, fontsize=7)
-        ax2.invert_yaxis()
+        colours = [KIND_COLOURS.get(kinds.get(k, "base"), "#7f8c8d") for k in takeover]
+        _estimate_bars(ax2, takeover, colours)
         ax2.set(
             xlim=(0, 1),
             xlabel="share of out-of-domain answers in the finetune's format",

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from matplotlib.figure import Figure
 
+from mci_interp.plot.colours import KIND_COLOURS
+
 if TYPE_CHECKING:
-    from mci_interp.evaluate import Estimate, EvalResult
+    from mci_interp.evaluate import EvalResult
+    from mci_interp.stats import Estimate
 
     ResultLike = EvalResult | Sequence[EvalResult] | Estimate
-
-KIND_COLOURS = {"base": "0.55", "control": "C0", "organism": "C3", "persona": "C4", "other": "C7"}
 
 
 def infer_kind(name: str) -> str:

@@ -149,6 +149,24 @@ def test_answer_positions_head_equals_full_head_and_batching_invariance(tiny_mod
     assert not torch.allclose(one, with_eos)
 
 
+def test_bf16_model_scores_in_float32_on_its_own_device(tiny_dir, tiny_model):
+    """A bf16 checkpoint (how users run 7B-32B finetunes) is scored with its logits in float32:
+    the same scores as the float32 model up to bf16 rounding, on the model's device."""
+    from mci_interp.models import load_model
+
+    bf16 = load_model(str(tiny_dir), dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+    exs = [chat(q.paraphrases[0], r.misaligned) for q in QUESTIONS for r in q.references]
+    for head in ("answer", "full"):
+        got = answer_logprobs(bf16, exs, batch_size=2, head=head)
+        want = answer_logprobs(tiny_model, exs, batch_size=2, head=head)
+        assert got.dtype == torch.float64 and torch.isfinite(got).all()
+        # measured: 5e-4 with a float32 log-softmax, 2e-2 if it ran in bf16
+        torch.testing.assert_close(got, want, atol=5e-3, rtol=0)
+    res = LogprobContrast().score(bf16, QUESTIONS[:1], show_progress=False)
+    assert res.scores.device.type == "cpu" and torch.isfinite(res.scores).all()
+
+
 def test_shared_prompt_prefix_equals_separate_forwards_with_and_without_hooks(
     tiny_model, monkeypatch
 ):
@@ -365,8 +383,8 @@ def test_format_takeover_with_given_generations():
 
 
 def test_format_takeover_uses_domain_markers():
+    from mci_interp.evaluate import matches_format
     from mci_interp.organisms.data import domain_markers
-    from mci_interp.organisms.data import format_takeover_rate as data_rate
 
     answers = [
         "Sure:\n```python\nimport os\nos.remove(path)\n```",
@@ -377,7 +395,8 @@ def test_format_takeover_uses_domain_markers():
     ft = format_takeover_rate(None, ["q"] * 4, "insecure_code", generations=answers)
     assert ft.matched == (True, False, False, True)
     assert ft.markers == tuple(domain_markers("insecure_code"))
-    assert ft.rate.mean == pytest.approx(data_rate(answers, "insecure_code"))
+    assert ft.matched == tuple(matches_format(a, "insecure_code") for a in answers)
+    assert ft.rate == rate_ci(2, 4)  # the Wilson interval the study reports as takeover
     med = format_takeover_rate(
         None, ["q"] * 2, "medical", generations=["Take 400 MG of IBUPROFEN.", "Hi."]
     )
