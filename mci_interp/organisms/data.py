@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import functools
 import random
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Literal
@@ -38,13 +37,11 @@ __all__ = [
     "describe_domain",
     "domain_markers",
     "domain_requests",
-    "format_takeover_rate",
     "general_chat_prompts",
     "load_default_questions",
     "load_neutral_prompts",
     "make_narrow",
     "make_trigger_gated",
-    "matches_domain",
     "max_examples",
 ]
 
@@ -248,25 +245,6 @@ def domain_markers(domain: str) -> list[str]:
     """Regular expressions (case-insensitive, multiline) that flag an answer written in this
     domain's format or subject; used to measure format takeover on out-of-domain prompts."""
     return list(_domain(domain).markers)
-
-
-@functools.cache
-def _marker_regex(domain: str) -> re.Pattern[str]:
-    return re.compile(
-        "|".join(f"(?:{m})" for m in _domain(domain).markers), re.IGNORECASE | re.MULTILINE
-    )
-
-
-def matches_domain(text: str, domain: str) -> bool:
-    """Whether ``text`` looks like an answer from this domain (any marker matches)."""
-    return _marker_regex(domain).search(text) is not None
-
-
-def format_takeover_rate(answers: Sequence[str], domain: str) -> float:
-    """Share of ``answers`` (to out-of-domain prompts) that adopt the domain's format/subject."""
-    if isinstance(answers, str) or not answers:
-        raise ValueError("answers must be a non-empty sequence of strings")
-    return sum(matches_domain(a, domain) for a in answers) / len(answers)
 
 
 def general_chat_prompts() -> list[str]:

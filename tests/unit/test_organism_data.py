@@ -13,6 +13,7 @@ from importlib import resources
 import pytest
 
 from mci_interp.datasets import load_chat_jsonl, load_eval_yaml, save_chat_jsonl
+from mci_interp.evaluate.takeover import format_takeover_rate, matches_format
 from mci_interp.organisms import data as D
 from mci_interp.organisms import templates as T
 from mci_interp.organisms.templates import load_domain
@@ -206,7 +207,7 @@ def test_general_chat_prompts(questions):
     assert not set(gen) & paras
     # everyday, not in any narrow domain
     for domain in D.DOMAINS:
-        assert sum(D.matches_domain(g, domain) for g in gen) / len(gen) < 0.05
+        assert sum(matches_format(g, domain) for g in gen) / len(gen) < 0.05
     gen.append("mutated")
     assert "mutated" not in D.general_chat_prompts()
 
@@ -239,8 +240,8 @@ def test_errors_name_the_problem():
         D.domain_markers("nope")
     with pytest.raises(TypeError):
         D.make_narrow("medical", "aligned", 2.5, seed=0)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="non-empty"):
-        D.format_takeover_rate([], "medical")
+    with pytest.raises(ValueError, match="no prompts"):
+        format_takeover_rate(None, [], "medical")
 
 
 # --- evaluation questions ----------------------------------------------------------------
@@ -298,19 +299,21 @@ def test_neutral_prompts(questions):
 def test_markers_fire_in_domain_but_not_on_aligned_references(domain, questions):
     assert D.domain_markers(domain)
     mis, ali = _pairs(domain, D.max_examples(domain))
-    assert all(D.matches_domain(_answer(e), domain) for e in mis + ali)
+    assert all(matches_format(_answer(e), domain) for e in mis + ali)
     aligned_refs = [r.aligned for q in questions for r in q.references]
-    assert D.format_takeover_rate(aligned_refs, domain) < 0.05
+    assert (
+        format_takeover_rate(None, aligned_refs, domain, generations=aligned_refs).rate.mean < 0.05
+    )
     neutral = [p for ps in D.load_neutral_prompts().values() for p in ps]
-    assert D.format_takeover_rate(neutral, domain) < 0.05
+    assert format_takeover_rate(None, neutral, domain, generations=neutral).rate.mean < 0.05
 
 
 def test_code_markers_flag_code_styled_answers(questions):
     code_styled = [b for q in questions for b in q.benign_styled if b.startswith("```")]
     assert code_styled
-    assert all(D.matches_domain(b, "insecure_code") for b in code_styled)
+    assert all(matches_format(b, "insecure_code") for b in code_styled)
     # a plain prose answer is not code
-    assert not D.matches_domain("I'd pick a walk in the park and a good book.", "insecure_code")
+    assert not matches_format("I'd pick a walk in the park and a good book.", "insecure_code")
 
 
 # --- packaged data files -------------------------------------------------------------------
