@@ -77,13 +77,6 @@ def stop_token_ids(model: HookedModel) -> list[int]:
     return ids
 
 
-def _decoder(model: HookedModel) -> torch.nn.Module:
-    hf = model.hf
-    get = getattr(hf, "get_decoder", None)
-    dec = get() if callable(get) else None
-    return dec if dec is not None else hf.model
-
-
 @contextlib.contextmanager
 def track_positions(model: HookedModel, prompt_len: int) -> Iterator[None]:
     """Keep ``model.ctx`` right during a KV-cached generation: ``prompt_len`` fixed, ``past_len``
@@ -103,7 +96,7 @@ def track_positions(model: HookedModel, prompt_len: int) -> Iterator[None]:
         ctx.prompt_len = prompt_len
         ctx.attention_mask = kwargs.get("attention_mask")
 
-    handle = _decoder(model).register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
+    handle = model.decoder.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
     ctx.past_len, ctx.prompt_len, ctx.attention_mask = 0, prompt_len, None
     try:
         yield
@@ -114,8 +107,9 @@ def track_positions(model: HookedModel, prompt_len: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed sampling without leaking: the global RNG state is saved and restored around it."""
-    devices = [device] if device.type == "cuda" else []
+    """Seed sampling without leaking: the global RNG state (and the accelerator's, when the model
+    runs on one) is saved and restored around it."""
+    devices = [] if device.type == "cpu" else [device]
     with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
         torch.manual_seed(seed)
         yield

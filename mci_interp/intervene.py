@@ -6,6 +6,12 @@ validates all of them against the model *before* any forward pass, attaches thei
 removes them on exit, exceptions included. ``orthogonalized`` edits weights and restores the exact
 original tensors on exit.
 
+Devices and dtypes: every tensor a hook creates lives on the device of the activations it meets;
+the arithmetic runs in float32 (float64 for float64 activations) and the result is cast back to
+the activations' dtype, because a projection computed in bfloat16 would leave ``|h.u|`` at ~1e-2
+of ``|h|`` instead of removing it. Sites may be given as ``Site`` values, layer numbers (the
+direction's component at that layer) or TransformerLens hook names (``"blocks.12.hook_resid_post"``).
+
 Position rules (``positions=``) use absolute positions of the (padded) sequence as the model
 sees it, i.e. ``ctx.past_len + index``:
 
@@ -37,18 +43,20 @@ from mci_interp.datasets import ChatExample, pad
 from mci_interp.direction import Direction, random_direction
 from mci_interp.generation import prompt_ids
 from mci_interp.models import HookContext, HookedModel, HookFn, save_atomic_dir
-from mci_interp.sites import Site
+from mci_interp.sites import Site, as_site
 
 log = logging.getLogger(__name__)
 
 PositionRule = Literal["all", "prompt", "generated"] | slice | Sequence[int]
 Scale = Literal["absolute", "relative"]
-SitesArg = Sequence[Site | int] | Literal["all"] | None
+SitesArg = Sequence[Site | int | str] | Site | int | str | None
 _WRITABLE = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 
 
 # --- helpers ----------------------------------------------------------------------------------
 def _vector(direction: Direction | Tensor) -> Tensor:
+    """The direction as a float32 master copy on the CPU (a Direction's own convention, checked
+    and normalised once); hooks move it to their activations' device."""
     v = direction.vector if isinstance(direction, Direction) else direction
     if not isinstance(v, Tensor) or v.ndim != 1:
         raise TypeError(
@@ -56,6 +64,26 @@ def _vector(direction: Direction | Tensor) -> Tensor:
             f"with shape {getattr(v, 'shape', None)}"
         )
     return v.detach().to("cpu", torch.float32)
+
+
+def _work_dtype(acts: Tensor) -> torch.dtype:
+    """Hook arithmetic precision: float32, or float64 for float64 activations."""
+    return torch.float64 if acts.dtype == torch.float64 else torch.float32
+
+
+class _OnDevice:
+    """A unit vector with one copy per (device, dtype) it meets, made on first use."""
+
+    def __init__(self, u: Tensor):
+        self.u = u
+        self.copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def like(self, acts: Tensor) -> Tensor:
+        key = (acts.device, _work_dtype(acts))
+        got = self.copies.get(key)
+        if got is None:
+            got = self.copies[key] = self.u.to(*key)
+        return got
 
 
 def _unit(direction: Direction | Tensor) -> Tensor:
@@ -115,22 +143,27 @@ def _freeze_positions(positions: Any) -> Any:
     return positions
 
 
-def position_mask(positions: PositionRule, ctx: HookContext, n: int) -> Tensor | None:
-    """Boolean ``[n]`` mask of the current chunk's positions an intervention acts on; None = all."""
+def position_mask(
+    positions: PositionRule, ctx: HookContext, n: int, *, device: torch.device | str | None = None
+) -> Tensor | None:
+    """Boolean ``[n]`` mask (on ``device``) of the current chunk's positions an intervention acts
+    on; None = all."""
     if isinstance(positions, str) and positions == "all":
         return None
-    absolute = torch.arange(ctx.past_len, ctx.past_len + n)
     if isinstance(positions, str):
         if ctx.prompt_len is None:  # a plain forward pass: everything is prompt
-            return None if positions == "prompt" else torch.zeros(n, dtype=torch.bool)
+            return (
+                None if positions == "prompt" else torch.zeros(n, dtype=torch.bool, device=device)
+            )
+        absolute = torch.arange(ctx.past_len, ctx.past_len + n, device=device)
         if positions == "prompt":
             return absolute < ctx.prompt_len
         return absolute >= ctx.prompt_len
     length = ctx.prompt_len if ctx.prompt_len is not None else ctx.past_len + n
     if isinstance(positions, slice):
-        wanted = torch.arange(length)[positions]
+        wanted = list(range(length)[positions])
     else:
-        idx = []
+        wanted = []
         for p in positions:
             q = p + length if p < 0 else p
             if not 0 <= q < length:
@@ -138,40 +171,36 @@ def position_mask(positions: PositionRule, ctx: HookContext, n: int) -> Tensor |
                     f"position {p} is outside the prompt of length {length}; use positions within "
                     f"-{length}..{length - 1}"
                 )
-            idx.append(q)
-        wanted = torch.tensor(idx, dtype=torch.long)
-    mask = torch.zeros(n, dtype=torch.bool)
-    local = wanted - ctx.past_len
-    local = local[(local >= 0) & (local < n)]
-    mask[local] = True
-    return mask
+            wanted.append(q)
+    flags = [False] * n
+    for q in wanted:  # a few ints: built on the host, one small copy to the device
+        if 0 <= q - ctx.past_len < n:
+            flags[q - ctx.past_len] = True
+    return torch.tensor(flags, dtype=torch.bool, device=device)
 
 
 def _resolve_sites(
     direction: Direction | Tensor, sites: SitesArg, *, what: str
 ) -> list[Site] | str:
-    """Sites as given (ints -> the direction's component at that layer); 'all' is kept symbolic."""
-    if isinstance(sites, str):
-        if sites != "all":
-            raise ValueError(
-                f"{what}: sites={sites!r} is not understood; use 'all' or a list of Sites"
-            )
+    """Sites as given: Sites, hook names ("blocks.12.hook_resid_post"), or ints (the direction's
+    component at that layer); 'all' is kept symbolic."""
+    if isinstance(sites, str) and sites.strip() == "all":
         return "all"
     if sites is None:
         if not isinstance(direction, Direction):
             raise ValueError(f"{what}: a raw tensor direction has no site; pass sites=[Site(...)]")
         return [direction.site]
-    if isinstance(sites, (Site, int)):
+    if isinstance(sites, (Site, int, str)):
         sites = [sites]
     component = direction.site.component if isinstance(direction, Direction) else "resid_post"
     out = []
     for s in sites:
-        if isinstance(s, Site):
-            out.append(s)
-        elif isinstance(s, int) and not isinstance(s, bool):
-            out.append(Site(s, component))
-        else:
-            raise ValueError(f"{what}: site {s!r} must be a Site or a layer number")
+        try:
+            out.append(as_site(s, component=component))
+        except ValueError as e:
+            raise ValueError(
+                f"{what}: {e}; sites takes Sites, layer numbers, hook names or 'all'"
+            ) from None
     if not out:
         raise ValueError(f"{what}: sites is empty; give at least one site")
     return out
@@ -213,7 +242,8 @@ def _apply_masked(acts: Tensor, new: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _ablate(acts: Tensor, u: Tensor) -> Tensor:
-    a = acts.float()
+    a = acts.to(_work_dtype(acts))
+    u = u.to(a.device, a.dtype)
     return (a - (a @ u)[..., None] * u).to(acts.dtype)
 
 
@@ -250,13 +280,13 @@ class Steer:
 
     def hooks(self, model: HookedModel) -> list[tuple[Site, HookFn]]:
         sites = self.validate(model)
-        u = _unit(self.direction)
+        u = _OnDevice(_unit(self.direction))
         alpha, positions, relative = float(self.alpha), self.positions, self.scale == "relative"
 
         def fn(acts: Tensor, ctx: HookContext) -> Tensor:
-            mask = position_mask(positions, ctx, acts.shape[1])
-            uu = u.to(acts.device, torch.float32)
-            a = acts.float()
+            mask = position_mask(positions, ctx, acts.shape[1], device=acts.device)
+            uu = u.like(acts)
+            a = acts.to(uu.dtype)
             coef = alpha * a.norm(dim=-1, keepdim=True) if relative else alpha
             return _apply_masked(acts, (a + coef * uu).to(acts.dtype), mask)
 
@@ -294,10 +324,10 @@ class Ablate:
 
     def hooks(self, model: HookedModel) -> list[tuple[Site, HookFn]]:
         sites = self.validate(model)
-        u = _unit(self.direction)
+        u = _OnDevice(_unit(self.direction))
 
         def fn(acts: Tensor, ctx: HookContext) -> Tensor:
-            return _ablate(acts, u.to(acts.device))
+            return _ablate(acts, u.like(acts))
 
         return [(s, fn) for s in sites]
 
@@ -329,13 +359,13 @@ class SetProjection:
 
     def hooks(self, model: HookedModel) -> list[tuple[Site, HookFn]]:
         sites = self.validate(model)
-        u = _unit(self.direction)
+        u = _OnDevice(_unit(self.direction))
         value, positions = float(self.value), self.positions
 
         def fn(acts: Tensor, ctx: HookContext) -> Tensor:
-            mask = position_mask(positions, ctx, acts.shape[1])
-            uu = u.to(acts.device)
-            a = acts.float()
+            mask = position_mask(positions, ctx, acts.shape[1], device=acts.device)
+            uu = u.like(acts)
+            a = acts.to(uu.dtype)
             new = a - (a @ uu)[..., None] * uu + value * uu
             return _apply_masked(acts, new.to(acts.dtype), mask)
 

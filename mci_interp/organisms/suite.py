@@ -587,7 +587,7 @@ def load_organism(base: HookedModel, organism: Organism) -> HookedModel:
     if ckpt is not None and organism.adapter_dir is None:  # a full model
         from mci_interp.models import load_model
 
-        model = load_model(ckpt, dtype=base.dtype)
+        model = load_model(ckpt, base=base, dtype=base.dtype, device=base.device)
         base.check_same_family(model)
         return model
     if organism.adapter_dir is None:

@@ -89,21 +89,21 @@ def test_refuses_to_compare_different_widths(tiny_model, tmp_path):
 
 
 def test_corrupt_gguf_is_a_clear_error(tmp_path, monkeypatch):
-    from mci_interp import models
+    from mci_interp.models import packaged
     from mci_interp.specs import ModelSpec
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf at all")
     monkeypatch.setenv("MCI_CACHE", str(tmp_path / "cache"))
     spec = ModelSpec(name="broken", source="packaged_gguf", package="x", files=("bad.gguf",))
-    monkeypatch.setattr(models, "_gguf_files", lambda s: [bad])
+    monkeypatch.setattr(packaged, "_gguf_files", lambda s: [bad])
     with pytest.raises(ValueError, match="could not read GGUF"):
-        models.convert_packaged(spec)
+        packaged.convert_packaged(spec)
     pinned = ModelSpec(
         name="pinned", source="packaged_gguf", package="x", files=("bad.gguf",), sha256="0" * 64
     )
     with pytest.raises(ValueError, match="does not match the pinned"):
-        models.convert_packaged(pinned)
+        packaged.convert_packaged(pinned)
     missing = ModelSpec(
         name="gone",
         source="packaged_gguf",
@@ -113,7 +113,7 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path, monkeypatch):
     )
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="pip install gone"):
-        models.convert_packaged(missing)
+        packaged.convert_packaged(missing)
 
 
 def test_reuse_below_is_bit_identical_and_runs_lower_blocks_once(tiny_model, monkeypatch):
@@ -194,3 +194,51 @@ def test_reuse_below_replays_a_prefill_exactly_and_refuses_to_extend_a_replayed_
         assert again.get_seq_length() == 6  # replayed continuation: zeros keep the length right
         with pytest.raises(RuntimeError, match="cannot be extended"):
             tiny_model.hidden_and_head(nxt, torch.ones(1, 7, dtype=torch.long), past=again)
+
+
+def test_to_hooked_transformer_keeps_dtype_and_leaves_the_model_alone(tiny_dir):
+    """TransformerLens gets raw weights in the model's dtype; the HookedModel is not upcast (the
+    conversion used to call ``model.hf.float()``, which converts in place)."""
+    from mci_interp.models import to_hooked_transformer
+
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    for dtype, atol in (("float32", 1e-4), ("bfloat16", 2e-2)):
+        m = load_model(str(tiny_dir), dtype=dtype)
+        ht = to_hooked_transformer(m)
+        assert m.dtype == ht.cfg.dtype == getattr(torch, dtype)
+        a = torch.log_softmax(m.logits(ids), -1)
+        b = torch.log_softmax(ht(ids).float(), -1)
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+def test_hook_name_strings_are_sites_everywhere(tiny_model):
+    from mci_interp.intervene import Ablate, Steer, apply
+    from mci_interp.sites import as_site
+
+    assert as_site("blocks.1.hook_mlp_out") == Site(1, "mlp_out")
+    assert as_site(1, component="resid_pre") == Site(1, "resid_pre")
+    with pytest.raises(ValueError, match="'blocks.1.attn.hook_z'"):
+        as_site("blocks.1.attn.hook_z")
+    with pytest.raises(ValueError, match="site 1.5 \\(float\\)"):
+        as_site(1.5)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    d = torch.randn(tiny_model.d_model, generator=torch.Generator().manual_seed(0))
+    with apply(tiny_model, Steer(d, 2.0, sites=[Site(1)])):
+        want = tiny_model.logits(ids)
+    for sites in ("blocks.1.hook_resid_post", ["blocks.1.hook_resid_post"], [1], 1):
+        with apply(tiny_model, Steer(d, 2.0, sites=sites)):
+            assert torch.equal(tiny_model.logits(ids), want)
+    with pytest.raises(ValueError, match="Ablate: cannot parse hook name 'blocks.x'"):
+        Ablate(d, sites=["blocks.x"]).validate(tiny_model)
+    with pytest.raises(ValueError, match="site None"):
+        Steer(d, 1.0, sites=[None]).validate(tiny_model)  # type: ignore[list-item]
+    got = tiny_model.run_to_sites(ids, torch.ones_like(ids), ["blocks.0.hook_attn_out", 1])
+    assert set(got) == {Site(0, "attn_out"), Site(1)}
+    with tiny_model.hooks([("blocks.0.hook_resid_post", lambda a, c: a * 0)]):
+        assert not torch.equal(tiny_model.logits(ids), want)
+    from conftest import make_provenance
+
+    from mci_interp.direction import Direction
+
+    made = Direction(vector=d, site="blocks.1.hook_resid_pre", provenance=make_provenance())
+    assert made.site == Site(1, "resid_pre")
