@@ -1,4 +1,5 @@
-"""Small file helpers shared by every rung: atomic writes, hashing, cache locations."""
+"""Small file helpers shared by every rung: atomic writes, hashing, cache locations, and reads
+that verify what an earlier job (or another machine) wrote."""
 
 from __future__ import annotations
 
@@ -72,3 +73,79 @@ def write_text(path: Path | str, text: str) -> Path:
 
 def read_json(path: Path | str) -> Any:
     return json.loads(Path(path).read_text())
+
+
+# --- verified reads ----------------------------------------------------------------------------
+class IntegrityError(ValueError):
+    """A stored file failed verification on read: missing, unreadable, altered or non-finite.
+
+    The message names the file and the fix (usually: delete it and re-run to recompute).
+    """
+
+
+def read_json_verified(path: Path | str, *, fix: str) -> Any:
+    """``read_json`` that names the file and ``fix`` when it is missing or not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise IntegrityError(f"{path} is missing; {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IntegrityError(f"{path} is unreadable (truncated or damaged: {e}); {fix}") from None
+
+
+def verify_sha256(path: Path | str, expected: str | None, *, fix: str) -> None:
+    """``IntegrityError`` naming the file if it is missing or its sha256 differs from
+    ``expected`` (None: nothing recorded, so only its presence is checked)."""
+    path = Path(path)
+    if not path.exists():
+        raise IntegrityError(f"{path} is missing; {fix}")
+    if expected is None:
+        return
+    got = sha256_file(path)
+    if expected is not None and got != expected:
+        raise IntegrityError(
+            f"{path} does not match the sha256 recorded when it was written (recorded "
+            f"{expected[:16]}..., found {got[:16]}...): it was altered or damaged; {fix}"
+        )
+
+
+def load_safetensors_verified(
+    path: Path | str,
+    *,
+    sha256: str | None,
+    fix: str,
+    keys: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Read a safetensors file we wrote, refusing (``IntegrityError`` naming the file and
+    ``fix``) a file that is missing, whose sha256 differs from ``sha256`` (None: not checked, an
+    older index kept none), that safetensors cannot parse (e.g. truncated), that lacks one of
+    ``keys``, or whose floating-point tensors hold a NaN or an infinity."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    verify_sha256(path, sha256, fix=fix)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type, or OSError, or ValueError
+        raise IntegrityError(
+            f"{path} is unreadable (truncated or not a safetensors file: {e}); {fix}"
+        ) from None
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise IntegrityError(f"{path} lacks the tensors {missing}; {fix}")
+    for name, t in tensors.items():
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise IntegrityError(
+                    f"{path} holds {bad} non-finite values (NaN or inf) in {name!r}; {fix}"
+                )
+    return tensors
+
+
+def canonical_sha256(obj: Any) -> str:
+    """sha256 of a JSON-serialisable object written with sorted keys (a JSON file's own
+    checksum: what was written parses back to an object with the same digest)."""
+    return sha256_text(json.dumps(obj, sort_keys=True, default=str))

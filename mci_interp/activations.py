@@ -4,7 +4,8 @@ Three outputs, one forward loop:
 - ``cache_activations``: per-example (or per-token) float32 tensors in memory (``ActivationCache``);
 - ``stream_statistics``: per-label running sums in float64, memory independent of dataset size;
 - ``cache_to_disk``: safetensors shards plus an index, written atomically; an interrupted run
-  resumes at the first missing shard and gives byte-identical files.
+  resumes at the first missing shard and gives byte-identical files. The index keeps each
+  shard's sha256; ``load_cache`` refuses a shard that differs, cannot be parsed or holds a NaN.
 
 The forward pass stops after the deepest requested block. Batches are formed from examples of
 similar length (less padding) with right padding, so every selected activation equals the one
@@ -22,15 +23,24 @@ from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mci_interp import __version__
-from mci_interp._io import atomic_path, read_json, write_json
+from mci_interp._io import (
+    IntegrityError,
+    atomic_path,
+    load_safetensors_verified,
+    read_json_verified,
+    sha256_file,
+    stable_hash,
+    verify_sha256,
+    write_json,
+)
 from mci_interp.datasets import ChatExample, Encoded, dataset_hash, encode_chat, pad
 from mci_interp.models import HookedModel
-from mci_interp.sites import Site
+from mci_interp.sites import Site, as_site
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +55,15 @@ def _check_position(position: str) -> None:
 
 
 def _select(acts: Tensor, enc: Encoded, position: str) -> Tensor:
-    """Rows of one example's ``[pos, d]`` activations for a position rule (unpadded part only)."""
+    """Rows of one example's ``[pos, d]`` activations for a position rule (unpadded part only);
+    means are taken in float32 at least, whatever the model's dtype."""
     n, p = len(enc.ids), enc.prompt_len
     if position == "last_prompt":
         return acts[p - 1 : p]
     if position == "prompt_mean":
-        return acts[:p].mean(0, keepdim=True)
+        return acts[:p].to(torch.promote_types(acts.dtype, torch.float32)).mean(0, keepdim=True)
     if position == "answer_mean":
-        return acts[p:n].mean(0, keepdim=True)
+        return acts[p:n].to(torch.promote_types(acts.dtype, torch.float32)).mean(0, keepdim=True)
     if position == "answer_tokens":
         return acts[p:n]
     return acts[:n]
@@ -83,18 +94,20 @@ def encode_all(
 def iter_selected(
     model: HookedModel,
     encs: Sequence[Encoded],
-    sites: Sequence[Site],
+    sites: Sequence[Site | int | str],
     *,
     position: str,
     batch_size: int = 8,
     show_progress: bool = False,
     desc: str = "caching",
 ) -> Iterator[tuple[int, dict[Site, Tensor]]]:
-    """Yield ``(example_index, {site: rows [k, d] float32})`` for every example, in index order
-    within each length-sorted batch (callers that need order put rows back by index)."""
+    """Yield ``(example_index, {site: rows [k, d] float32 on the CPU})`` for every example, in
+    index order within each length-sorted batch (callers that need order put rows back by index).
+    The forward runs on the model's device and dtype; sites may be hook names."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for s in sites:
+    wanted = [as_site(s) for s in sites]
+    for s in wanted:
         s.check(model.n_layers)
     order = sorted(range(len(encs)), key=lambda i: (len(encs[i].ids), i))
     pad_id = model.tokenizer.pad_token_id
@@ -106,9 +119,9 @@ def iter_selected(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = pad([encs[i].ids for i in idx], pad_id, side="right")
-            acts = model.run_to_sites(ids.to(model.device), mask.to(model.device), sites)
+            acts = model.run_to_sites(ids.to(model.device), mask.to(model.device), wanted)
             for b, i in enumerate(idx):
-                yield i, {s: _select(acts[s][b], encs[i], position).float().cpu() for s in sites}
+                yield i, {s: _select(acts[s][b], encs[i], position).float().cpu() for s in wanted}
             bar.update(int(mask.sum()))
     finally:
         bar.close()
@@ -136,8 +149,8 @@ class ActivationCache:
     def n_examples(self) -> int:
         return len(self.groups)
 
-    def X(self, site: Site | str) -> Tensor:
-        site = Site.parse(site) if isinstance(site, str) else site
+    def X(self, site: Site | int | str) -> Tensor:
+        site = as_site(site)
         if site not in self.acts:
             raise KeyError(f"site {site} not cached; cached: {[str(s) for s in self.sites]}")
         return self.acts[site]
@@ -152,32 +165,34 @@ class ActivationCache:
 def cache_activations(
     model: HookedModel,
     examples: Sequence[ChatExample],
-    sites: Sequence[Site],
+    sites: Sequence[Site | int | str],
     *,
     position: Position = "last_prompt",
     batch_size: int = 8,
     max_length: int | None = None,
     show_progress: bool = True,
 ) -> ActivationCache:
-    """Run the model on chat examples and keep the selected activations in memory."""
+    """Run the model on chat examples and keep the selected activations in memory (float32 on
+    the CPU, whatever the model's device and dtype). Sites may be TransformerLens hook names."""
+    wanted = [as_site(s) for s in sites]
     encs = encode_all(model, examples, position, max_length=max_length)
     rows: dict[int, dict[Site, Tensor]] = {}
     t0 = time.perf_counter()
     for i, acts in iter_selected(
-        model, encs, sites, position=position, batch_size=batch_size, show_progress=show_progress
+        model, encs, wanted, position=position, batch_size=batch_size, show_progress=show_progress
     ):
         rows[i] = acts
     elapsed = time.perf_counter() - t0
     n_tok = sum(len(e.ids) for e in encs)
-    out = {s: torch.cat([rows[i][s] for i in range(len(encs))]) for s in sites}
-    counts = [rows[i][sites[0]].shape[0] for i in range(len(encs))]
+    out = {s: torch.cat([rows[i][s] for i in range(len(encs))]) for s in wanted}
+    counts = [rows[i][wanted[0]].shape[0] for i in range(len(encs))]
     row_example = torch.repeat_interleave(torch.arange(len(encs)), torch.tensor(counts))
     return ActivationCache(
         acts=out,
         row_example=row_example,
         labels=_labels(examples),
         groups=[ex.group for ex in examples],
-        meta=_meta(model, examples, sites, position) | {"tokens": n_tok, "seconds": elapsed},
+        meta=_meta(model, examples, wanted, position) | {"tokens": n_tok, "seconds": elapsed},
     )
 
 
@@ -233,7 +248,7 @@ class ActivationStats:
 def stream_statistics(
     model: HookedModel,
     examples: Sequence[ChatExample],
-    sites: Sequence[Site],
+    sites: Sequence[Site | int | str],
     *,
     position: Position = "last_prompt",
     batch_size: int = 8,
@@ -242,35 +257,68 @@ def stream_statistics(
 ) -> ActivationStats:
     """Per-label running sums (float64) of the selected activations; unlabelled rows count as
     label -1. Token positions are token-weighted (every answer token one row)."""
+    wanted = [as_site(s) for s in sites]
     encs = encode_all(model, examples, position, max_length=max_length)
     labels = _labels(examples).tolist()
     d = model.d_model
-    sums: dict[Site, dict[int, Tensor]] = {s: {} for s in sites}
-    sumsq: dict[Site, dict[int, Tensor]] = {s: {} for s in sites}
+    sums: dict[Site, dict[int, Tensor]] = {s: {} for s in wanted}
+    sumsq: dict[Site, dict[int, Tensor]] = {s: {} for s in wanted}
     counts: dict[int, int] = {}
     for i, acts in iter_selected(
         model,
         encs,
-        sites,
+        wanted,
         position=position,
         batch_size=batch_size,
         show_progress=show_progress,
         desc="streaming",
     ):
         lab = labels[i]
-        for s in sites:
+        for s in wanted:
             rows = acts[s].double()
             sums[s].setdefault(lab, torch.zeros(d, dtype=torch.float64)).add_(rows.sum(0))
             sumsq[s].setdefault(lab, torch.zeros(d, dtype=torch.float64)).add_((rows * rows).sum(0))
-        counts[lab] = counts.get(lab, 0) + int(acts[sites[0]].shape[0])
+        counts[lab] = counts.get(lab, 0) + int(acts[wanted[0]].shape[0])
     return ActivationStats(
-        sums=sums, sumsq=sumsq, counts=counts, meta=_meta(model, examples, sites, position)
+        sums=sums, sumsq=sumsq, counts=counts, meta=_meta(model, examples, wanted, position)
     )
 
 
 # --- stored shards ----------------------------------------------------------------------------
 _INDEX = "index.json"
 _FORMAT = "mci_interp.activation_cache/1"
+_SHARD_SHA = "shard_sha256"
+"""Index key: ``{shard file name: sha256}``, recorded before each shard appears (an index
+written before checksums were kept has none: its shards are read unverified)."""
+_GROUPS_HASH = "groups_hash"
+_CHECKSUM_KEYS = (_SHARD_SHA, _GROUPS_HASH)
+
+
+def _shard_name(k: int) -> str:
+    return f"shard_{k:05d}.safetensors"
+
+
+def _fix(out_dir: Path) -> str:
+    return (
+        "delete it and re-run the same `mci cache` command (or cache_to_disk call) to recompute "
+        f"it; the other files of {out_dir} are kept"
+    )
+
+
+def _record_shard_sha(index_path: Path, name: str, sha: str) -> None:
+    idx = read_json_verified(index_path, fix=_fix(index_path.parent))
+    idx.setdefault(_SHARD_SHA, {})[name] = sha
+    write_json(index_path, idx)
+
+
+def _check_finite(tensors: dict[str, Tensor], lo: int, hi: int) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(
+                f"the model produced non-finite activations (NaN or inf) at {name} for examples "
+                f"{lo}..{hi - 1}; nothing was stored for them. In float16 this is usually an "
+                "overflow: load the model in bfloat16 or float32"
+            )
 
 
 def cache_to_disk(
@@ -301,7 +349,7 @@ def cache_to_disk(
     config["n_shards"] = n_shards
     index_path = out_dir / _INDEX
     if index_path.exists():
-        old = read_json(index_path)
+        old = read_json_verified(index_path, fix=_fix(out_dir))
         diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if diff:
             key, (was, now) = next(iter(diff.items()))
@@ -313,9 +361,11 @@ def cache_to_disk(
         write_json(index_path, config)
     labels = _labels(examples)
     bar = tqdm(total=n_shards, unit="shard", desc="shards", disable=not show_progress)
+    recorded = read_json_verified(index_path, fix=_fix(out_dir)).get(_SHARD_SHA, {})
     for k in range(n_shards):
-        shard = out_dir / f"shard_{k:05d}.safetensors"
+        shard = out_dir / _shard_name(k)
         if shard.exists():
+            verify_sha256(shard, recorded.get(shard.name), fix=_fix(out_dir))
             bar.update(1)
             continue
         lo, hi = k * shard_size, min(len(encs), (k + 1) * shard_size)
@@ -338,40 +388,77 @@ def cache_to_disk(
             torch.repeat_interleave(torch.arange(hi - lo), counts) + lo
         ).contiguous()
         tensors["labels"] = labels[lo:hi].contiguous()
+        _check_finite(tensors, lo, hi)
         with atomic_path(shard) as tmp:
             save_file(
                 tensors, str(tmp), metadata={"format": _FORMAT}
             )  # one key: safetensors orders metadata randomly
+            # the checksum goes into the index before the shard appears under its name
+            _record_shard_sha(index_path, shard.name, sha256_file(tmp))
         bar.update(1)
     bar.close()
-    write_json(out_dir / "groups.json", [ex.group for ex in examples])
+    groups = [ex.group for ex in examples]
+    idx = read_json_verified(index_path, fix=_fix(out_dir))
+    if idx.get(_GROUPS_HASH) != stable_hash(groups, n=64):
+        idx[_GROUPS_HASH] = stable_hash(groups, n=64)
+        write_json(index_path, idx)
+    write_json(out_dir / "groups.json", groups)
     return out_dir
 
 
 def load_cache(out_dir: Path | str) -> ActivationCache:
-    """Read a complete stored cache back into memory."""
+    """Read a complete stored cache back into memory, verifying every shard on the way.
+
+    A shard whose sha256 differs from the one in the index, that cannot be parsed (e.g.
+    truncated) or that holds a NaN or an infinity is refused with an ``IntegrityError`` (a
+    ``ValueError``) naming the file and the fix. A cache written before the index kept
+    checksums is read unverified, with one warning.
+    """
     out_dir = Path(out_dir)
     index_path = out_dir / _INDEX
     if not index_path.exists():
         raise FileNotFoundError(f"{out_dir} has no {_INDEX}: not an activation cache")
-    cfg = read_json(index_path)
-    missing = [
-        k for k in range(cfg["n_shards"]) if not (out_dir / f"shard_{k:05d}.safetensors").exists()
-    ]
+    fix = _fix(out_dir)
+    cfg = read_json_verified(index_path, fix=fix)
+    missing = [k for k in range(cfg["n_shards"]) if not (out_dir / _shard_name(k)).exists()]
     if missing:
         raise ValueError(
             f"{out_dir} is incomplete: shards {missing[:5]} missing; re-run the same "
             "`mci cache` command to resume"
         )
-    parts = [load_file(str(out_dir / f"shard_{k:05d}.safetensors")) for k in range(cfg["n_shards"])]
+    recorded = cfg.get(_SHARD_SHA, {})
+    unverified = [k for k in range(cfg["n_shards"]) if _shard_name(k) not in recorded]
+    if unverified:
+        log.warning(
+            "%s: %d of %d shards have no sha256 in %s (written by an older version): read "
+            "unverified (re-run `mci cache` into a new directory to get checksums)",
+            out_dir,
+            len(unverified),
+            cfg["n_shards"],
+            _INDEX,
+        )
     sites = [Site.parse(s) for s in cfg["sites"]]
+    keys = [s.hook_name for s in sites] + ["row_example", "labels"]
+    parts = [
+        load_safetensors_verified(
+            out_dir / _shard_name(k), sha256=recorded.get(_shard_name(k)), fix=fix, keys=keys
+        )
+        for k in range(cfg["n_shards"])
+    ]
     acts = {s: torch.cat([p[s.hook_name] for p in parts]) for s in sites}
+    groups_path = out_dir / "groups.json"
+    groups = read_json_verified(groups_path, fix=fix)
+    if _GROUPS_HASH in cfg and stable_hash(groups, n=64) != cfg[_GROUPS_HASH]:
+        raise IntegrityError(
+            f"{groups_path} does not match the hash recorded in {index_path}: it was altered; "
+            + fix
+        )
     return ActivationCache(
         acts=acts,
         row_example=torch.cat([p["row_example"] for p in parts]),
         labels=torch.cat([p["labels"] for p in parts]),
-        groups=read_json(out_dir / "groups.json"),
-        meta=cfg,
+        groups=groups,
+        meta={k: v for k, v in cfg.items() if k not in _CHECKSUM_KEYS},
     )
 
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,12 +28,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mci_interp import __version__
-from mci_interp._io import atomic_path, cache_root, read_json, stable_hash, write_json
+from mci_interp._io import (
+    IntegrityError,
+    cache_root,
+    canonical_sha256,
+    load_safetensors_verified,
+    read_json_verified,
+    sha256_file,
+    stable_hash,
+    write_json,
+)
 from mci_interp.activations import cache_activations
 from mci_interp.analysis.convergence import (
     ConvergenceReport,
@@ -60,7 +72,7 @@ from mci_interp.datasets import (
     dataset_hash,
 )
 from mci_interp.direction import Direction, Provenance, random_direction
-from mci_interp.evaluate import Estimate, EvalResult, LogprobContrast, paired_difference, rate_ci
+from mci_interp.evaluate import EvalResult, LogprobContrast, format_takeover_rate, paired_difference
 from mci_interp.generation import generate
 from mci_interp.intervene import Ablate, Steer, apply
 from mci_interp.models import HookedModel
@@ -70,10 +82,10 @@ from mci_interp.organisms.data import (
     load_default_questions,
     load_neutral_prompts,
     make_narrow,
-    matches_domain,
 )
 from mci_interp.organisms.suite import Organism, base_organism, load_organism
 from mci_interp.sites import Site
+from mci_interp.stats import Estimate, quantile
 
 log = logging.getLogger(__name__)
 
@@ -186,22 +198,75 @@ class Record:
 
 
 class RecordStore:
-    """Records on disk, one safetensors + one JSON per (model, condition), written atomically."""
+    """Records on disk, verified on read, safe to share between concurrent jobs.
+
+    One JSON per (model, condition), ``<key>.json``: the scores, the generations, the name and
+    sha256 of the activations file, and its own checksum. The activations file is named by its
+    content (``<key>.<sha256[:16]>.safetensors``) and written before the JSON, each atomically:
+    two jobs that write the same record at once can only leave a JSON that points at a complete
+    file with the bytes it names. On read, a JSON or activations file that is missing, cannot be
+    parsed, differs from its checksum or holds a NaN is refused with an ``IntegrityError`` naming
+    the file and the fix. Records of the older layout (``<key>.safetensors`` beside a JSON
+    without checksums) are read unverified, with one warning per store.
+    """
+
+    _FIELDS = ("score", "indomain", "generations")
 
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self._warned = False
 
     def _paths(self, key: str) -> tuple[Path, Path]:
+        """The older layout's activations file and the record's JSON."""
         safe = key.replace("/", "_").replace(":", "_")
         return self.root / f"{safe}.safetensors", self.root / f"{safe}.json"
+
+    def has(self, key: str) -> bool:
+        """Whether a record is stored under ``key`` (not verified: ``get`` does that)."""
+        return self._paths(key)[1].exists()
 
     def get(self, key: str) -> Record | None:
         t, j = self._paths(key)
         if not j.exists():
             return None
-        meta = read_json(j)
-        acts = load_file(str(t))["acts"] if t.exists() else None
+        fix = (
+            f"delete {j.name} in {self.root} and re-run the same study (or `mci records`) to "
+            "recompute this record"
+        )
+        meta = read_json_verified(j, fix=fix)
+        missing = [k for k in self._FIELDS if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise IntegrityError(f"{j} lacks the fields {missing}; {fix}")
+        if "sha256" in meta:
+            body = {k: v for k, v in meta.items() if k != "sha256"}
+            if canonical_sha256(body) != meta["sha256"]:
+                raise IntegrityError(
+                    f"{j} does not match the checksum recorded in it: it was altered; {fix}"
+                )
+            name = meta.get("acts_file")
+            if name is not None and (not isinstance(name, str) or Path(name).name != name):
+                raise IntegrityError(f"{j} names an activations file outside {self.root}; {fix}")
+            acts = (
+                None
+                if name is None
+                else load_safetensors_verified(
+                    self.root / name, sha256=meta.get("acts_sha256"), fix=fix, keys=["acts"]
+                )["acts"]
+            )
+        else:  # written before records kept checksums
+            if not self._warned:
+                log.warning(
+                    "%s holds records without checksums (written by an older version): read "
+                    "unverified",
+                    self.root,
+                )
+                self._warned = True
+            acts = (
+                load_safetensors_verified(t, sha256=None, fix=fix, keys=["acts"])["acts"]
+                if t.exists()
+                else None
+            )
         return Record(
             name=key,
             acts=acts,
@@ -211,18 +276,36 @@ class RecordStore:
         )
 
     def put(self, rec: Record) -> Record:
+        """Store ``rec`` (activations first, then the JSON that names them), atomically."""
         t, j = self._paths(rec.name)
+        acts_file = acts_sha = None
         if rec.acts is not None:
-            with atomic_path(t) as tmp:
-                save_file({"acts": rec.acts.contiguous()}, str(tmp))
-        write_json(
-            j,
-            {
-                "score": None if rec.score is None else rec.score.to_dict(),
-                "indomain": None if rec.indomain is None else rec.indomain.to_dict(),
-                "generations": rec.generations,
-            },
-        )
+            if not torch.isfinite(rec.acts).all():
+                raise ValueError(
+                    f"record {rec.name}: the model produced non-finite activations (NaN or inf); "
+                    "nothing was stored. In float16 this is usually an overflow: load the model "
+                    "in bfloat16 or float32"
+                )
+            fd, staged = tempfile.mkstemp(prefix=f".{t.stem}.", suffix=".tmp", dir=self.root)
+            os.close(fd)
+            try:
+                save_file({"acts": rec.acts.contiguous()}, staged)
+                acts_sha = sha256_file(staged)
+                acts_file = f"{t.stem}.{acts_sha[:16]}.safetensors"
+                os.replace(staged, self.root / acts_file)  # its name says what it holds
+            finally:
+                if os.path.exists(staged):
+                    os.unlink(staged)
+        body = {
+            "score": None if rec.score is None else rec.score.to_dict(),
+            "indomain": None if rec.indomain is None else rec.indomain.to_dict(),
+            "generations": rec.generations,
+            "acts_file": acts_file,
+            "acts_sha256": acts_sha,
+        }
+        # the checksum of the body as it reads back from JSON (tuples become lists, ...)
+        body = json.loads(json.dumps(body, default=str))
+        write_json(j, body | {"sha256": canonical_sha256(body)})
         return rec
 
 
@@ -378,7 +461,8 @@ class _Runner:
         key = stable_hash(what)
         path = self.store.root / "causal" / f"{key}.json"
         if path.exists():
-            return float(read_json(path)["score"])
+            fix = f"delete {path} and re-run the same study to recompute this causal score"
+            return float(read_json_verified(path, fix=fix)["score"])
         qs = self.questions if questions is None else questions
         with apply(model, *interventions):
             s = _mean_score(self.scorer.score(model, qs, show_progress=False))
@@ -629,12 +713,14 @@ def run_study(
         dom = org.spec.domain
         gens = recs[org.name].generations
         if dom in domains and gens:
-            takeover[org.name] = rate_ci(sum(matches_domain(t, dom) for t in gens), len(gens))
+            takeover[org.name] = format_takeover_rate(
+                None, R.takeover_prompts, dom, generations=gens
+            ).rate
     if base_rec.generations:
         for dom in domains:
-            takeover[f"base ({dom} format)"] = rate_ci(
-                sum(matches_domain(t, dom) for t in base_rec.generations), len(base_rec.generations)
-            )
+            takeover[f"base ({dom} format)"] = format_takeover_rate(
+                None, R.takeover_prompts, dom, generations=base_rec.generations
+            ).rate
 
     # 4. convergence
     t0 = time.perf_counter()
@@ -743,6 +829,39 @@ def run_study(
 
 _GATE_KINDS = ("trigger", "distilled")
 """The trained personas: their default behaviour and causal tests use the gate questions."""
+
+
+def missing_records(
+    base: HookedModel,
+    organisms: Sequence[Organism],
+    *,
+    config: StudyConfig | None = None,
+    records_dir: Path | str | None = None,
+) -> list[str]:
+    """Names of the models (``"base"`` and organism names) whose records are not yet stored
+    where ``run_study`` with the same arguments looks for them.
+
+    A study split into jobs (one per checkpoint, then one analysis step) checks this before the
+    analysis, so a changed setting or a failed job is reported instead of recomputed there.
+    Presence only: ``run_study`` verifies each record when it reads it.
+    """
+    config = config or StudyConfig()
+    records_dir = (
+        Path(records_dir)
+        if records_dir is not None
+        else cache_root() / "records" / base.sha256[:12]
+    )
+    R = _Runner(base, config, records_dir, records_dir, show_progress=False)
+    out = [] if R.store.has("base") and R.store.has("base@persona") else ["base"]
+    for org in organisms:
+        if org.spec.kind in ("base", "prompted"):
+            continue
+        keys = [org.key]
+        keys += [f"{org.key}@{R.gate_tag}"] if org.spec.kind in _GATE_KINDS else []
+        keys += [f"{org.key}@trigger:{R.gate_tag}"] if org.spec.kind == "trigger" else []
+        if not all(R.store.has(k) for k in keys):
+            out.append(org.name)
+    return out
 
 
 def _fingerprint(iv: Any) -> dict[str, Any]:
@@ -995,13 +1114,11 @@ def _internalisation(
     rec = recs[org.name]
     u = persona[L].vector
     default_shift = standardised_shift(rec.acts[:, L], base_rec.acts[:, L], u, seed=R.config.seed)
-    null95 = float(
-        torch.quantile(
-            random_shift_null(
-                rec.acts[:, L], base_rec.acts[:, L], generator=_rng(R.config.seed, "shift", org.key)
-            ),
-            rules.null_quantile,
-        )
+    null95 = quantile(
+        random_shift_null(
+            rec.acts[:, L], base_rec.acts[:, L], generator=_rng(R.config.seed, "shift", org.key)
+        ),
+        rules.null_quantile,
     )
     themes, breadth = theme_breadth(rec.acts[:, L], base_rec.acts[:, L], u, R.themes, null95=null95)
     profile = layer_profile(

@@ -121,3 +121,84 @@ def test_bad_inputs(tiny_model):
         cache_activations(tiny_model, [chat("no answer")], [Site(0)], position="answer_mean")
     with pytest.raises(ValueError, match="unknown position"):
         cache_activations(tiny_model, _examples(), [Site(0)], position="middle")  # type: ignore[arg-type]
+
+
+# --- stored shards are verified on read ---------------------------------------------------------
+def _stored(model, path):
+    cache_to_disk(
+        model, _examples() * 2, [Site(0), Site(1)], path, shard_size=4, show_progress=False
+    )
+    return path
+
+
+def _nan_into(shard):
+    """Re-save a shard with one activation set to NaN, metadata kept: a well-formed file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(shard), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(shard))
+    tensors["blocks.1.hook_resid_post"][1, 3] = float("nan")
+    save_file(tensors, str(shard), metadata=meta)
+
+
+def _drop_checksums(path):
+    """The index as the code before checksums wrote it."""
+    import json
+
+    idx = json.loads((path / "index.json").read_text())
+    del idx["shard_sha256"], idx["groups_hash"]
+    (path / "index.json").write_text(json.dumps(idx))
+
+
+def test_stored_cache_refuses_a_shard_altered_to_hold_nan(tiny_model, tmp_path):
+    from mci_interp._io import IntegrityError
+
+    out = _stored(tiny_model, tmp_path / "c")
+    _nan_into(out / "shard_00001.safetensors")
+    with pytest.raises(IntegrityError, match=r"shard_00001\.safetensors does not match.*delete it"):
+        load_cache(out)
+    # without the checksum (an index of the older format) the NaN itself is refused
+    _drop_checksums(out)
+    with pytest.raises(ValueError, match=r"shard_00001\.safetensors holds 1 non-finite.*re-run"):
+        load_cache(out)
+
+
+def test_stored_cache_refuses_a_truncated_shard_naming_it(tiny_model, tmp_path):
+    out = _stored(tiny_model, tmp_path / "c")
+    shard = out / "shard_00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"shard_00002\.safetensors does not match"):
+        load_cache(out)
+    # a resume checks what it skips: it refuses rather than keep a damaged shard
+    with pytest.raises(ValueError, match=r"shard_00002\.safetensors does not match"):
+        _stored(tiny_model, out)
+    _drop_checksums(out)
+    with pytest.raises(ValueError, match=r"shard_00002\.safetensors is unreadable.*delete it"):
+        load_cache(out)
+    shard.unlink()  # the fix the message names: delete it and re-run
+    _stored(tiny_model, out)
+    load_cache(out)
+
+
+def test_stored_cache_of_the_older_format_loads_unverified_with_one_warning(
+    tiny_model, tmp_path, caplog
+):
+    out = _stored(tiny_model, tmp_path / "c")
+    want = load_cache(out)
+    assert "shard_sha256" not in want.meta  # checksums stay out of the cache's metadata
+    _drop_checksums(out)
+    with caplog.at_level("WARNING", logger="mci_interp.activations"):
+        got = load_cache(out)
+    assert [r.message.count("unverified") for r in caplog.records] == [1]
+    torch.testing.assert_close(got.X(Site(1)), want.X(Site(1)), rtol=0, atol=0)
+    assert got.meta == want.meta
+
+
+def test_stored_cache_refuses_to_write_non_finite_activations(tiny_model, tmp_path):
+    with torch.no_grad():
+        tiny_model.hf.model.embed_tokens.weight[:] = float("nan")
+    with pytest.raises(ValueError, match="non-finite activations.*bfloat16 or float32"):
+        _stored(tiny_model, tmp_path / "c")
+    assert not list((tmp_path / "c").glob("shard_*"))
