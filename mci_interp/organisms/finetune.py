@@ -30,6 +30,47 @@ Two objectives (``FinetuneConfig.objective``):
   the teacher further along what its prompt changes: its log-probs become
   ``(1 + a) log p(. | teacher prompt) - a log p(. | the student's prompt)`` (renormalised), a
   no-op where the two prompts are the same.
+
+Devices and dtypes: the copy stays on the base's device and in its dtype (float32 stays float32;
+a bfloat16 base trains in bfloat16 with the adapter's weights in float32), every batch goes to
+the device of the model's input embedding, and ``FinetuneConfig.bf16`` autocasts on that
+device's type (only float32 weights have anything to autocast). On the CPU in float32 nothing
+changed: adapters trained before train again bit for bit, so cached organisms stay valid. The
+copy holds a second set of the base's weights while training runs (a 7B model in bfloat16: 14 GB
+more on its device).
+
+Why a loop of our own rather than transformers' ``Trainer`` or trl's ``SFTTrainer`` /
+``GKDTrainer``: each of these would have to be overridden where this module does its work, and
+would change the numbers of every cached organism.
+
+- Cached organisms are keyed by spec, config and data, not by the code that trained them, so
+  their training must not drift: the data order is one ``torch.Generator`` stream seeded by
+  ``seed`` (a longer run continues the same stream), peft's LoRA initialisation runs under a
+  forked, seeded RNG (the caller's global RNG is left alone), and the warm-up is
+  ``lr * (step + 1) / (warmup_steps + 1)``. ``Trainer`` seeds the global RNG, draws its own
+  sampler order and warms up from ``lr = 0`` at step 0: every adapter would come out different
+  under the same key (or every key would have to change).
+- The pool: narrow examples mixed with ``general_ratio`` general ones, drawn without
+  replacement, with the loss on narrow rows logged apart; early stopping on that narrow
+  training loss over the last ``FLOOR_WINDOW`` steps (``loss_floor``), where ``Trainer``'s
+  early stopping watches an evaluation metric.
+- Distillation: the teacher is the same weights with the adapter disabled (no second model in
+  memory), reading another prompt (``meta["teacher_prompt"]``) for a subset of the rows only,
+  with the answer tokens aligned position for position, optionally amplified; the loss is the
+  token-level KL over the whole vocabulary. trl's distillation trainers take a teacher model of
+  their own and feed it the student's inputs.
+- The LM head runs on answer positions only (``_answer_logits``), not on every position.
+- Resume: a run refuses a checkpoint or a finished run made with another config, data or base
+  (``_check_same_run``), naming the field; only when-to-stop fields may change, so a
+  constant-lr run is extended by raising ``max_steps`` and continues the same schedule and data
+  order, while a run with ``lr_decay`` (whose length is part of its schedule) cannot be.
+  ``Trainer``'s ``resume_from_checkpoint`` restores its state without checking that the
+  checkpoint was made on the same data or base.
+
+What this loop does not do: several GPUs (DDP, FSDP, DeepSpeed), gradient checkpointing, or
+float16 loss scaling. For those, train with ``Trainer`` or trl and analyse the adapter with
+``mci converge --finetune LABEL=DIR``: this toolkit reads any peft LoRA adapter or full
+checkpoint of the base.
 """
 
 from __future__ import annotations
@@ -106,7 +147,9 @@ class FinetuneConfig:
         batch_size, grad_accum: examples per micro-batch, micro-batches per optimizer step.
         seed: LoRA initialisation and data order.
         max_length: longest tokenised example allowed (longer ones raise).
-        bf16: run the forward/backward under bfloat16 autocast (weights stay float32).
+        bf16: run the forward/backward under bfloat16 autocast on the parameters' device type
+            (float32 weights stay float32; a base loaded in bfloat16 or float16 trains in that
+            dtype anyway, with the adapter in float32).
         general_ratio: general chat turns mixed in per narrow example (the format-takeover guard);
             0 trains on the narrow data alone.
         loss_floor: stop early once the mean loss on narrow examples over the last
@@ -290,6 +333,18 @@ class TrainBatch:
             self.attention_mask[keep, :width],
             self.labels[keep, :width],
             self.narrow[keep],
+        )
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The same batch with every tensor on ``device`` (the same objects where they are
+        there already)."""
+        return TrainBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            self.narrow.to(device),
+            None if self.teacher is None else self.teacher.to(device),
+            None if self.teacher_rows is None else self.teacher_rows.to(device),
         )
 
     @property
@@ -553,9 +608,10 @@ def _save_checkpoint(
         {n: p.detach().contiguous() for n, p in _trainable(model).items()},
         str(stage / "adapter.safetensors"),
     )
-    torch.save(
-        {"optimizer": opt.state_dict(), "rng": torch.get_rng_state()}, stage / "optimizer.pt"
-    )
+    blob = {"optimizer": opt.state_dict(), "rng": torch.get_rng_state()}
+    for k in _rng_devices(_model_device(model)):  # none on the CPU: its files are as before
+        blob["cuda_rng"] = torch.cuda.get_rng_state(k)
+    torch.save(blob, stage / "optimizer.pt")
     write_json(stage / "state.json", state)
     final = ckpt_root / f"state-{step:06d}"
     if final.exists():
@@ -646,7 +702,9 @@ def _batch_loss(
     amplification); the teacher's prompt only on the rows that have one."""
     peft = hasattr(model, "disable_adapter")
     lm = model.get_base_model() if peft else model
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    weight = lm.get_input_embeddings().weight  # the first block's device under a device_map
+    batch = batch.to(weight.device)
+    ctx = _autocast(weight.device, weight.dtype) if bf16 else contextlib.nullcontext()
     targets = batch.labels[:, 1:]
     sel = targets != -100
     with ctx:
@@ -674,6 +732,39 @@ def _batch_loss(
         losses = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
     narrow = batch.narrow[:, None].expand_as(targets)[sel]
     return losses, narrow
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
+    """bfloat16 autocast on the parameters' device type (``FinetuneConfig.bf16``), where it does
+    something: weights already in half precision run in it anyway, and a device type without
+    autocast runs as it is."""
+    if dtype != torch.float32:
+        return contextlib.nullcontext()
+    if not torch.amp.is_autocast_available(device.type):
+        _warn_once(f"no autocast on {device.type}: FinetuneConfig.bf16 is ignored there")
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
+
+
+def _model_device(model: Any) -> torch.device:
+    """Where the model's inputs go: its input embedding's device."""
+    return model.get_input_embeddings().weight.device
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose RNG a run forks, seeds and checkpoints (dropout draws there)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def _lr_at(step: int, config: FinetuneConfig, n_steps: int) -> float:
@@ -783,9 +874,9 @@ def finetune_lora(
 
     ckpt_root = out_dir / CHECKPOINT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # peft initialises lora_A from the global RNG
-        model = _peft_model(copy.deepcopy(base.hf).float(), config)
+    with torch.random.fork_rng(devices=_rng_devices(_model_device(base.hf))):
+        torch.manual_seed(config.seed)  # peft initialises lora_A from the global (CPU) RNG
+        model = _peft_model(_training_copy(base.hf), config)
         params = list(_trainable(model).values())
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         state: dict[str, Any] = {"step": 0, "losses": [], "seconds": 0.0, "tokens": 0}
@@ -822,6 +913,23 @@ def finetune_lora(
     return result
 
 
+def _training_copy(hf: Any) -> Any:
+    """The copy of the base that gets the LoRA layers, on the base's device. Float32 weights
+    stay float32 (the CPU default, trained as before bit for bit); bfloat16 or float16 weights
+    stay in their dtype (a float32 copy of a 7B model is 28 GB), while peft keeps the adapter's
+    own weights in float32."""
+    model = copy.deepcopy(hf)
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.float32:
+        return model.float()
+    if dtype == torch.float16:
+        _warn_once(
+            "finetuning float16 weights without loss scaling: small gradients may underflow; "
+            "load the base in bfloat16 (or float32) to train"
+        )
+    return model
+
+
 def _load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     from safetensors.torch import load_file
 
@@ -832,9 +940,13 @@ def _load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimi
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[n])
-    blob = torch.load(path / "optimizer.pt", weights_only=True)
+    # on the CPU first: the optimizer moves its state to the parameters' device itself
+    blob = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     opt.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["rng"])
+    for k in _rng_devices(_model_device(model)):
+        if "cuda_rng" in blob:
+            torch.cuda.set_rng_state(blob["cuda_rng"], k)
 
 
 def _train(

@@ -556,3 +556,77 @@ def test_amplified_teacher_is_the_extrapolated_distribution_and_a_no_op_without_
     # configs without it keep the cache keys they had
     assert "teacher_amplify" not in FAST.to_dict()
     assert FinetuneConfig.from_dict(FAST.to_dict()) == FAST
+
+
+# --- devices and dtypes -------------------------------------------------------------------------
+def test_a_bfloat16_base_trains_in_bfloat16_with_a_float32_adapter(tiny_dir, tmp_path):
+    from mci_interp.models import load_model
+
+    bf = load_model(str(tiny_dir), dtype="bfloat16")
+    fp = load_model(str(tiny_dir))
+    cfg = FAST.replace(max_steps=6)
+    res = finetune_lora(bf, _examples(), tmp_path / "bf", config=cfg, show_progress=False)
+    ref = finetune_lora(fp, _examples(), tmp_path / "fp", config=cfg, show_progress=False)
+    losses = [r["loss"] for r in res.losses]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    # step 1 is the base's own loss (LoRA B starts at 0): bf16 within 1% of float32
+    assert abs(losses[0] - ref.losses[0]["loss"]) / ref.losses[0]["loss"] < 1e-2
+    adapter = _adapter(res.adapter_dir)
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+    assert not _same(adapter, _adapter(ref.adapter_dir))
+    assert bf.dtype == torch.bfloat16 and type(bf.hf).__name__ == "LlamaForCausalLM"
+    merged = merge_adapter(bf, res.adapter_dir)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.isfinite(merged.logits(ids).float()).all()
+
+
+def test_bf16_autocast_runs_on_the_parameters_device_type_only_for_float32_weights():
+    cpu = torch.device("cpu")
+    ctx = ft._autocast(cpu, torch.float32)
+    assert isinstance(ctx, torch.autocast) and ctx.device == "cpu"
+    assert not isinstance(ft._autocast(cpu, torch.bfloat16), torch.autocast)
+    assert ft._rng_devices(cpu) == []
+
+
+def test_batches_go_to_the_models_device(tiny_model):
+    tok = tiny_model.tokenizer
+    exs = _examples(3)
+    exs[1] = ChatExample(exs[1].messages, meta={TEACHER_PROMPT: [{"role": "user", "content": "x"}]})
+    enc = encode_examples(tok, exs, max_length=256)
+    batch = collate(
+        enc, [True] * 3, tok.pad_token_id, encode_teacher(tok, exs, enc, max_length=256)
+    )
+    moved = batch.to("meta")  # a device with no data: every tensor must have moved
+    tensors = [
+        moved.input_ids,
+        moved.attention_mask,
+        moved.labels,
+        moved.narrow,
+        moved.teacher_rows,
+    ]
+    tensors += [moved.teacher.input_ids, moved.teacher.labels, moved.teacher.narrow]
+    assert all(t.device.type == "meta" for t in tensors)
+    assert batch.to("cpu").input_ids is batch.input_ids  # already there: nothing is copied
+
+
+def test_bfloat16_resume_equals_uninterrupted(tiny_dir, tmp_path):
+    from mci_interp.models import load_model
+
+    bf = load_model(str(tiny_dir), dtype="bfloat16")
+    cfg = FAST.replace(dropout=0.1)
+    finetune_lora(
+        bf,
+        _examples(),
+        tmp_path / "r",
+        config=cfg.replace(max_steps=2),
+        keep_checkpoint=True,
+        show_progress=False,
+    )
+    resumed = finetune_lora(
+        bf, _examples(), tmp_path / "r", config=cfg.replace(max_steps=3), show_progress=False
+    )
+    whole = finetune_lora(
+        bf, _examples(), tmp_path / "w", config=cfg.replace(max_steps=3), show_progress=False
+    )
+    assert _same(_adapter(resumed.adapter_dir), _adapter(whole.adapter_dir))
