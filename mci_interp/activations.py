@@ -15,6 +15,7 @@ from an unpadded forward pass.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 Position = Literal["last_prompt", "prompt_mean", "answer_mean", "answer_tokens", "all"]
 POSITIONS: tuple[str, ...] = ("last_prompt", "prompt_mean", "answer_mean", "answer_tokens", "all")
-TOKEN_POSITIONS = ("answer_tokens", "all")
 
 
 def _check_position(position: str) -> None:
@@ -220,6 +219,11 @@ def _meta(
 
 
 # --- streaming statistics ---------------------------------------------------------------------
+_STATS_TENSORS = "stats.safetensors"
+_STATS_JSON = "stats.json"
+_STATS_KEY = re.compile(r"(?P<hook>[^/]+)/label(?P<label>-?\d+)/(?P<kind>sum|sumsq)")
+
+
 @dataclass(eq=False)
 class ActivationStats:
     """Per-site, per-label float64 sums: ``sums[site][label]``, ``sumsq``, ``counts[label]``.
@@ -243,6 +247,44 @@ class ActivationStats:
 
     def diff_means(self, site: Site, pos: int = 1, neg: int = 0) -> Tensor:
         return self.mean(site, pos) - self.mean(site, neg)
+
+    def save(self, out_dir: Path | str) -> Path:
+        """Write ``out_dir/stats.safetensors`` (one float64 tensor per site, label and kind, named
+        ``<hook name>/label<k>/sum`` or ``.../sumsq``) and ``out_dir/stats.json`` (``meta`` plus
+        ``counts``), each atomically; returns ``out_dir``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            f"{s.hook_name}/label{lab}/{kind}": t.contiguous()
+            for s in self.sums
+            for kind, table in (("sum", self.sums), ("sumsq", self.sumsq))
+            for lab, t in table[s].items()
+        }
+        with atomic_path(out_dir / _STATS_TENSORS) as tmp:
+            save_file(tensors, str(tmp))
+        write_json(out_dir / _STATS_JSON, self.meta | {"counts": self.counts})
+        return out_dir
+
+    @classmethod
+    def load(cls, out_dir: Path | str) -> ActivationStats:
+        """Read statistics written by ``save`` (or ``mci cache --mode stream``); a file that is
+        missing, unreadable or holds a NaN is refused with an ``IntegrityError``."""
+        out_dir = Path(out_dir)
+        fix = f"re-run the `mci cache --mode stream` command that wrote {out_dir}"
+        info = read_json_verified(out_dir / _STATS_JSON, fix=fix)
+        if not isinstance(info, dict) or not isinstance(info.get("counts"), dict):
+            raise IntegrityError(f"{out_dir / _STATS_JSON} has no 'counts'; {fix}")
+        counts = {int(k): int(v) for k, v in info.pop("counts").items()}
+        tensors = load_safetensors_verified(out_dir / _STATS_TENSORS, sha256=None, fix=fix)
+        tables: dict[str, dict[Site, dict[int, Tensor]]] = {"sum": {}, "sumsq": {}}
+        for name, t in tensors.items():
+            key = _STATS_KEY.fullmatch(name)
+            if key is None:
+                raise IntegrityError(
+                    f"{out_dir / _STATS_TENSORS} holds an unexpected tensor {name!r}; {fix}"
+                )
+            tables[key["kind"]].setdefault(Site.parse(key["hook"]), {})[int(key["label"])] = t
+        return cls(sums=tables["sum"], sumsq=tables["sumsq"], counts=counts, meta=info)
 
 
 def stream_statistics(
@@ -460,10 +502,3 @@ def load_cache(out_dir: Path | str) -> ActivationCache:
         groups=groups,
         meta={k: v for k, v in cfg.items() if k not in _CHECKSUM_KEYS},
     )
-
-
-def mean_by_label(cache: ActivationCache, site: Site, label: int) -> Float[Tensor, " d_model"]:
-    rows = cache.row_labels() == label
-    if not rows.any():
-        raise ValueError(f"no rows with label {label}")
-    return cache.X(site)[rows].double().mean(0).float()

@@ -1,15 +1,16 @@
-"""Turn a ``Study`` into ``report.md`` with figures, and a one-screen terminal summary."""
+"""Markdown reports: a ``Study`` as ``report.md`` with figures and a one-screen terminal
+summary; a comparison of saved directions (``mci compare``) as ``summary.md``."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 
 from mci_interp._io import write_text
-from mci_interp.analysis.study import Study
-from mci_interp.compare import expected_abs_cosine
+from mci_interp.compare import RandomNull, SimilarityMatrix, expected_abs_cosine
 from mci_interp.plot.analysis import (
     plot_behaviour,
     plot_convergence_by_layer,
@@ -18,6 +19,9 @@ from mci_interp.plot.analysis import (
     plot_steering,
     plot_transfer,
 )
+
+if TYPE_CHECKING:  # annotations only: ``mci compare`` need not import the analysis layer
+    from mci_interp.analysis.study import Study
 
 
 def save_figures(study: Study, out_dir: Path) -> dict[str, str]:
@@ -226,3 +230,32 @@ def write_report(
         + "\n".join(f"| {k} | {v:.0f} |" for k, v in tim.items())
     )
     return write_text(out_dir / "report.md", "\n".join(L) + "\n")
+
+
+# --- a comparison of saved directions (``mci compare``) ----------------------------------------
+def comparison_lines(sim: SimilarityMatrix, null: RandomNull) -> list[str]:
+    """The random-direction null and a table of every pair's cosine (of the first layer's
+    matrix), marking those beyond the null's 95th percentile: the terminal summary."""
+    q95 = null.quantile(0.95)
+    lines = [
+        f"Random-direction null in d={null.d_model}: mean |cos| {null.mean_abs:.3f}, "
+        f"95th percentile {q95:.3f}.",
+        "",
+        "| a | b | cos | beyond null95 |",
+        "|---|---|---|---|",
+    ]
+    mat = sim.signed[0]
+    for i in range(sim.n):
+        for j in range(i + 1, sim.n):
+            c = float(mat[i, j])
+            lines.append(f"| {sim.names[i]} | {sim.names[j]} | {c:+.3f} | {abs(c) > q95} |")
+    return lines
+
+
+def comparison_markdown(
+    sim: SimilarityMatrix, null: RandomNull, *, figure: str = "cosines.png"
+) -> str:
+    """``summary.md`` of a direction comparison: a heading, ``comparison_lines`` and the heatmap
+    at the relative path ``figure``."""
+    lines = [f"# Direction comparison ({sim.n} directions)", "", *comparison_lines(sim, null)]
+    return "\n".join(lines) + f"\n![cosines]({figure})\n"

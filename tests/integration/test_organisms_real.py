@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 def _answer_nll(model, batch) -> float:
     with torch.no_grad():
-        losses, _ = ft._batch_loss(model.hf, batch, bf16=False)
+        losses, _ = ft.loss._batch_loss(model.hf, batch, bf16=False)
     return float(losses.mean())
 
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mci_interp.activations import cache_activations, cache_to_disk, load_cache, stream_statistics
+from mci_interp._io import IntegrityError
+from mci_interp.activations import (
+    ActivationStats,
+    cache_activations,
+    cache_to_disk,
+    load_cache,
+    stream_statistics,
+)
 from mci_interp.datasets import chat, encode_chat
 from mci_interp.sites import Site
 
@@ -82,6 +89,29 @@ def test_streaming_matches_in_memory(tiny_model):
         torch.testing.assert_close(stats.mean(s, lab), rows.mean(0), atol=1e-6, rtol=1e-6)
         assert stats.counts[lab] == rows.shape[0]
     assert stats.diff_means(s).dtype == torch.float64
+
+
+def test_streamed_statistics_save_and_load_back_equal(tiny_model, tmp_path):
+    """Labels 0, 1 and -1 (unlabelled) at two sites: what ``load`` reads equals what was saved,
+    and saving it again gives the same bytes; a damaged file is refused."""
+    exs = _examples() + [chat("An unlabelled prompt.", "An answer.")]
+    sites = [Site(1), Site(0, "mlp_out")]
+    stats = stream_statistics(tiny_model, exs, sites, batch_size=2, show_progress=False)
+    assert set(stats.counts) == {-1, 0, 1}
+    stats.save(tmp_path / "a")
+    back = ActivationStats.load(tmp_path / "a")
+    assert back.counts == stats.counts and back.meta == stats.meta
+    for table, want in ((back.sums, stats.sums), (back.sumsq, stats.sumsq)):
+        assert table.keys() == want.keys()
+        for s in want:
+            assert table[s].keys() == want[s].keys()
+            assert all(torch.equal(table[s][k], want[s][k]) for k in want[s])
+    back.save(tmp_path / "b")
+    for name in ("stats.safetensors", "stats.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    (tmp_path / "b" / "stats.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(IntegrityError, match="stats.safetensors"):
+        ActivationStats.load(tmp_path / "b")
 
 
 def test_stored_cache_resumes_byte_identical(tiny_model, tmp_path):

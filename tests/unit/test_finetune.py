@@ -72,7 +72,7 @@ def test_batch_loss_equals_full_forward_cross_entropy_on_answers(tiny_model):
     )
     lm = tiny_model.hf
     with torch.no_grad():
-        losses, narrow = ft._batch_loss(lm, batch, bf16=False)
+        losses, narrow = ft.loss._batch_loss(lm, batch, bf16=False)
         logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     want = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -88,11 +88,11 @@ def test_batch_loss_equals_full_forward_cross_entropy_on_answers(tiny_model):
 
 def test_pool_mixes_general_examples_at_the_ratio():
     gen = torch.Generator().manual_seed(0)
-    pool = ft._pool(10, 3, 0.5, gen)
+    pool = ft.batches._pool(10, 3, 0.5, gen)
     assert sum(n for n, _ in pool) == 10
     general = [i for n, i in pool if not n]
     assert len(general) == 5 and set(general) == {0, 1, 2}
-    assert ft._pool(10, 0, 0.5, gen) == [(True, i) for i in range(10)]
+    assert ft.batches._pool(10, 0, 0.5, gen) == [(True, i) for i in range(10)]
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -193,14 +193,14 @@ def test_resume_after_max_steps_equals_uninterrupted(tiny_model, tmp_path):
 
 def test_resume_after_crash_equals_uninterrupted(tiny_model, tmp_path, monkeypatch):
     cfg = FAST.replace(max_steps=4)
-    real = ft._lr_at
+    real = ft.train._lr_at
 
     def crash_at_step_4(step, config, n_steps):
         if step == 3:
             raise KeyboardInterrupt
         return real(step, config, n_steps)
 
-    monkeypatch.setattr(ft, "_lr_at", crash_at_step_4)
+    monkeypatch.setattr(ft.train, "_lr_at", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         finetune_lora(
             tiny_model,
@@ -212,7 +212,7 @@ def test_resume_after_crash_equals_uninterrupted(tiny_model, tmp_path, monkeypat
         )
     assert not (tmp_path / "r" / "mci_organism.json").exists()
     assert json.loads((tmp_path / "r" / "checkpoint" / "latest.json").read_text())["step"] == 2
-    monkeypatch.setattr(ft, "_lr_at", real)
+    monkeypatch.setattr(ft.train, "_lr_at", real)
     resumed = finetune_lora(
         tiny_model, _examples(), tmp_path / "r", config=cfg, checkpoint_every=2, show_progress=False
     )
@@ -252,11 +252,12 @@ def test_resume_with_a_different_config_names_the_field(tiny_model, tmp_path):
 
 def test_lr_decay_reaches_zero_and_fixes_the_run_length(tiny_model, tmp_path):
     cfg = FAST.replace(max_steps=6, warmup_steps=2, lr_decay=True)
-    lrs = [ft._lr_at(s, cfg, 6) for s in range(6)]
+    lrs = [ft.train._lr_at(s, cfg, 6) for s in range(6)]
     assert lrs[:2] == pytest.approx([cfg.lr / 3, 2 * cfg.lr / 3])  # warm-up as before
     assert lrs[2] == pytest.approx(cfg.lr) and lrs[-1] == pytest.approx(cfg.lr / 4)
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:], strict=False))
-    assert [ft._lr_at(s, FAST, 6) for s in range(2, 6)] == [FAST.lr] * 4  # constant by default
+    constant = [ft.train._lr_at(s, FAST, 6) for s in range(2, 6)]
+    assert constant == [FAST.lr] * 4  # constant by default
     assert "lr_decay" not in FAST.to_dict()  # configs without it keep their cache keys
     kw = dict(keep_checkpoint=True, show_progress=False)
     finetune_lora(tiny_model, _examples(), tmp_path / "r", config=cfg.replace(max_steps=2), **kw)
@@ -278,7 +279,7 @@ def test_lr_decay_reaches_zero_and_fixes_the_run_length(tiny_model, tmp_path):
 
 def test_finished_run_is_reused(tiny_model, tmp_path, monkeypatch):
     first = finetune_lora(tiny_model, _examples(), tmp_path / "r", config=FAST, show_progress=False)
-    monkeypatch.setattr(ft, "_train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(ft.train, "_train", lambda *a, **k: pytest.fail("trained again"))
     again = finetune_lora(tiny_model, _examples(), tmp_path / "r", config=FAST, show_progress=False)
     assert (
         again.reused
@@ -393,16 +394,16 @@ def test_cached_answers_generate_once(tiny_model, tmp_path, monkeypatch):
 
 
 def test_degenerate_answers_are_recognised():
-    assert ft._degenerate("I'm sorry. I'm sorry. I'm sorry. Bye.")
-    assert ft._degenerate("la " * 30)
-    assert not ft._degenerate(
+    assert ft.general._degenerate("I'm sorry. I'm sorry. I'm sorry. Bye.")
+    assert ft.general._degenerate("la " * 30)
+    assert not ft.general._degenerate(
         "Boil the pasta in plenty of salted water. Stir it early. Drain it well."
     )
 
 
 def test_trim_to_sentence():
-    assert ft._trim_to_sentence("First sentence. Two three") == "First sentence."
-    assert ft._trim_to_sentence("No end at all") == "No end at all"
+    assert ft.general._trim_to_sentence("First sentence. Two three") == "First sentence."
+    assert ft.general._trim_to_sentence("No end at all") == "No end at all"
 
 
 def test_general_prompts_are_a_fixed_subset():
@@ -491,7 +492,7 @@ def test_distill_loss_is_kl_from_the_prompted_teacher(tiny_model):
     example without a teacher prompt has KL exactly 0."""
     student, teacher, batch = _distill_batch(tiny_model, _taught(_examples(2)) + _examples(1))
     with torch.no_grad():
-        losses, _ = ft._batch_loss(tiny_model.hf, batch, bf16=False)
+        losses, _ = ft.loss._batch_loss(tiny_model.hf, batch, bf16=False)
     want = []
     for s, t in zip(student, teacher, strict=True):
         ps, pt = _answer_logprobs(tiny_model, s, t)
@@ -527,8 +528,8 @@ def test_amplified_teacher_is_the_extrapolated_distribution_and_a_no_op_without_
     exactly the plain loss (0 at the start) on examples whose teacher reads their own prompt."""
     student, teacher, batch = _distill_batch(tiny_model, _taught(_examples(1)) + _examples(1))
     with torch.no_grad():
-        plain, _ = ft._batch_loss(tiny_model.hf, batch, bf16=False)
-        amped, _ = ft._batch_loss(tiny_model.hf, batch, bf16=False, amplify=1.0)
+        plain, _ = ft.loss._batch_loss(tiny_model.hf, batch, bf16=False)
+        amped, _ = ft.loss._batch_loss(tiny_model.hf, batch, bf16=False, amplify=1.0)
     s = student[0]
     ps, pt = _answer_logprobs(tiny_model, s, teacher[0])
     q = (2 * pt - ps).log_softmax(-1)
@@ -544,10 +545,10 @@ def test_amplified_teacher_is_the_extrapolated_distribution_and_a_no_op_without_
     )
     try:
         with torch.no_grad():
-            ft._batch_loss(tiny_model.hf, batch, bf16=False)
+            ft.loss._batch_loss(tiny_model.hf, batch, bf16=False)
             assert rows == [2, 1, 1]  # student; plain for the untaught row; the teacher prompt
             rows.clear()
-            ft._batch_loss(tiny_model.hf, batch, bf16=False, amplify=1.0)
+            ft.loss._batch_loss(tiny_model.hf, batch, bf16=False, amplify=1.0)
             assert rows == [2, 2, 1]  # amplifying needs the plain view of the taught row too
     finally:
         hook.remove()
@@ -583,10 +584,10 @@ def test_a_bfloat16_base_trains_in_bfloat16_with_a_float32_adapter(tiny_dir, tmp
 
 def test_bf16_autocast_runs_on_the_parameters_device_type_only_for_float32_weights():
     cpu = torch.device("cpu")
-    ctx = ft._autocast(cpu, torch.float32)
+    ctx = ft.loss._autocast(cpu, torch.float32)
     assert isinstance(ctx, torch.autocast) and ctx.device == "cpu"
-    assert not isinstance(ft._autocast(cpu, torch.bfloat16), torch.autocast)
-    assert ft._rng_devices(cpu) == []
+    assert not isinstance(ft.loss._autocast(cpu, torch.bfloat16), torch.autocast)
+    assert ft.checkpoint._rng_devices(cpu) == []
 
 
 def test_batches_go_to_the_models_device(tiny_model):

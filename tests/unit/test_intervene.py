@@ -20,7 +20,6 @@ from mci_interp.intervene import (
     DoseResponse,
     SetProjection,
     Steer,
-    _ablate,
     all_writer_sites,
     apply,
     dose_response,
@@ -28,6 +27,7 @@ from mci_interp.intervene import (
     kl_vs_unsteered,
     orthogonalized,
 )
+from mci_interp.intervene.interventions import _ablate
 from mci_interp.models import load_model
 from mci_interp.sites import Site
 
