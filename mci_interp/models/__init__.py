@@ -9,10 +9,12 @@ same object. ``to_hooked_transformer`` converts for users who want TransformerLe
 tooling).
 
 Modules: ``hooked`` (``HookedModel``, hooks, ``reuse_below``), ``load`` (specs to models: dtypes,
-devices, hub revisions, adapters), ``packaged`` (packaged GGUF to HF), ``interop``
-(TransformerLens).
+devices, hub revisions, adapters), ``adapters`` (LoRA adapters sharing one base's weights:
+``base.load_adapter`` / ``with base.adapter(name)``), ``packaged`` (packaged GGUF to HF),
+``interop`` (TransformerLens).
 """
 
+from mci_interp.models.adapters import Adapters, LoadedAdapter
 from mci_interp.models.hooked import (
     HookContext,
     HookedModel,
@@ -35,11 +37,13 @@ from mci_interp.models.load import (
 from mci_interp.models.packaged import convert_packaged
 
 __all__ = [
+    "Adapters",
     "DTYPES",
     "DTYPE_CHOICES",
     "HookContext",
     "HookFn",
     "HookedModel",
+    "LoadedAdapter",
     "convert_packaged",
     "load_model",
     "merge_adapter",

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -21,6 +21,9 @@ from torch import Tensor, nn
 
 from mci_interp.sites import Site, as_site
 from mci_interp.specs import ModelSpec, resolve_spec
+
+if TYPE_CHECKING:
+    from mci_interp.models.adapters import Adapters
 
 log = logging.getLogger(__name__)
 
@@ -45,35 +48,43 @@ class _ReuseState:
     """What ``reuse_below`` shares between the decoder's pre-hook and the replaying block: the key
     of the forward now running, the memo of block outputs, and what the key must watch."""
 
-    def __init__(self, decoder: Any, watched: Sequence[Any]):
+    def __init__(self, decoder: Any, watched: Callable[[], Sequence[nn.Module]]):
         self.memo: dict[str, Any] = {}
         self.key: str | None = None
         self.signature = inspect.signature(decoder.forward)
         self.var_kw = next(
             (n for n, q in self.signature.parameters.items() if q.kind is q.VAR_KEYWORD), None
         )
-        self.watched = list(watched)
-        self.tuners: list[Any] = [m for m in self.watched if hasattr(m, "merged_adapters")]
+        self.watched = watched  # the embedding and the real lower blocks, looked up per forward
 
     def weights_token(self) -> str:
         """Cheap and device-agnostic: which tensors the lower blocks and the embedding hold and how
         often each was edited in place (``orthogonalized`` and ``param.copy_`` are seen), plus the
-        active/merged/disabled adapters of any peft layer among them. Edits through ``.data``
-        bypass the version counter and are not seen: edit weights outside ``reuse_below``."""
+        active/merged/disabled adapters of any peft layer among them. Their modules are walked
+        afresh on every forward, so peft layers put in or taken out (``base.adapter(...)``) are
+        seen too. Edits through ``.data`` bypass the version counter and are not seen: edit
+        weights outside ``reuse_below``."""
         parts: list[Any] = []
-        for m in self.watched:
-            for p in m._parameters.values():
-                if p is not None:
-                    version = 0 if p.is_inference() else p._version
-                    parts.append((p.data_ptr(), version, p.dtype))
-        for m in self.tuners:
-            parts.append(
-                (
-                    tuple(getattr(m, "active_adapters", ())),
-                    tuple(m.merged_adapters),
-                    bool(getattr(m, "disable_adapters", False)),
-                )
-            )
+        seen: set[int] = set()
+        for root in self.watched():
+            for m in root.modules():
+                if id(m) in seen:
+                    continue
+                seen.add(id(m))
+                for p in m._parameters.values():
+                    if p is not None:
+                        version = 0 if p.is_inference() else p._version
+                        parts.append((p.data_ptr(), version, p.dtype))
+                if hasattr(m, "merged_adapters"):  # a peft layer
+                    tuner: Any = m
+                    parts.append(
+                        (
+                            type(tuner).__name__,
+                            tuple(getattr(tuner, "active_adapters", ())),
+                            tuple(tuner.merged_adapters),
+                            bool(getattr(tuner, "disable_adapters", False)),
+                        )
+                    )
         return repr(parts)
 
     def enter(self, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -244,6 +255,8 @@ class HookedModel:
     spec: ModelSpec
     sha256: str
     ctx: HookContext = field(default_factory=HookContext)
+    # the adapters this base carries, or (on a model from ``base.adapter(...)``) those it is one of
+    _adapters: Any = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_hf(
@@ -329,7 +342,51 @@ class HookedModel:
     @property
     def lm(self) -> Any:
         """The transformers causal LM itself, under any peft wrapper."""
+        self._check_serving()
         return self.hf.get_base_model() if self.is_peft else self.hf
+
+    def _check_serving(self) -> None:
+        """Refuse a base whose modules serve an adapter right now, or an adapter model whose
+        ``with base.adapter(...)`` block has closed (both would compute the wrong model)."""
+        if self._adapters is not None:
+            self._adapters.check(self)
+
+    # --- adapters sharing this base's weights ---------------------------------------------------
+    @property
+    def adapters(self) -> Adapters:
+        """The LoRA adapters loaded onto this base (``models.adapters.Adapters``): ``names``,
+        ``info(name)``, ``find(path)``, ``delete(name)``, ``unload()``."""
+        from mci_interp.models.adapters import Adapters
+
+        if self._adapters is None:
+            self._adapters = Adapters(self)
+        elif self._adapters.base is not self:
+            raise ValueError(
+                f"{self.name} is an adapter of {self._adapters.base.name}; load adapters onto "
+                "the base"
+            )
+        return self._adapters
+
+    def load_adapter(
+        self, source: str | Path, *, name: str | None = None, revision: str | None = None
+    ) -> str:
+        """Load a LoRA adapter (local directory or hub id, ``revision`` for a hub one) onto this
+        base, sharing its weights, and return its name. It stays inactive: the base computes the
+        base until ``with base.adapter(name) as organism:``. See ``models.adapters``."""
+        return self.adapters.load(source, name=name, revision=revision)
+
+    def adapter(self, name: str) -> contextlib.AbstractContextManager[HookedModel]:
+        """``with base.adapter(name) as organism:`` a HookedModel of this base with the loaded
+        adapter ``name`` active (unmerged, on the same weight tensors; its spec and sha256 are
+        the organism's). The base is restored on exit, exceptions included; meanwhile the base
+        itself refuses to run. One adapter at a time."""
+        return self.adapters.use(name)
+
+    def unload_adapters(self) -> None:
+        """Remove every loaded adapter and peft with them: the original modules are back and
+        the base is bit-identical to before (its weights were never written)."""
+        if self._adapters is not None:
+            self.adapters.unload()
 
     @property
     def decoder(self) -> Any:
@@ -495,9 +552,8 @@ class HookedModel:
         if any(isinstance(b, _Replayed) for b in blocks):
             raise ValueError("reuse_below is already active on this model; nest none")
         decoder = self.decoder
-        embed = self.hf.get_input_embeddings()
-        watched = [embed, *(m for b in real for m in b.modules())]
-        state = _ReuseState(decoder, watched)
+        hf = self.hf
+        state = _ReuseState(decoder, lambda: [hf.get_input_embeddings(), *real])
 
         def enter(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             state.enter(args, kwargs)
@@ -561,6 +617,7 @@ class HookedModel:
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Full forward pass (with whatever hooks are active) returning float32 logits on the
         model's (input) device."""
+        self._check_serving()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         self.ctx.past_len, self.ctx.prompt_len, self.ctx.attention_mask = 0, None, attention_mask
@@ -653,10 +710,15 @@ class HookedModel:
             )
             for part, lin in writers:
                 if hasattr(lin, "base_layer"):
+                    fix = (
+                        "make a merged copy with merge_adapter(base, adapter_dir) (never "
+                        "merge_and_unload() an adapter of base.adapter(...): it shares the base)"
+                        if self._adapters is not None
+                        else "model.hf.merge_and_unload(), or load_model(..., adapter=...)"
+                    )
                     raise ValueError(
                         f"blocks.{i}.{part} carries an unmerged peft adapter: editing its base "
-                        "weight would miss the adapter's update. Merge it first "
-                        "(model.hf.merge_and_unload(), or load_model(..., adapter=...))"
+                        f"weight would miss the adapter's update. Merge it first ({fix})"
                     )
                 out.append((f"blocks.{i}.{part}", lin.weight))
                 if lin.bias is not None:
@@ -664,6 +726,12 @@ class HookedModel:
         return out
 
     def save_pretrained(self, path: Path | str) -> Path:
+        if self._adapters is not None and self._adapters.base is not self:
+            raise ValueError(
+                f"{self.name} is an adapter sharing the weights of {self._adapters.base.name}; "
+                "its adapter is already saved at its spec.path, and merge_adapter(base, "
+                "spec.path) makes a merged copy you can save"
+            )
         if self.is_peft:
             raise ValueError(
                 f"{self.name} is a peft model with an unmerged adapter; save the adapter with "

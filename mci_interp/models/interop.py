@@ -17,6 +17,12 @@ def to_hooked_transformer(model: HookedModel, *, dtype: torch.dtype | None = Non
     itself is left as it was. In float32, log-probs agree with the HF model to ~1e-4."""
     from transformer_lens import HookedTransformer, loading
 
+    model._check_serving()
+    if model._adapters is not None and model._adapters.base is not model:
+        raise ValueError(
+            f"{model.name} is an unmerged adapter sharing its base's weights; convert a merged "
+            "copy: to_hooked_transformer(merge_adapter(base, model.spec.path))"
+        )
     if model.is_peft:
         raise ValueError(
             f"{model.name} has an unmerged peft adapter; merge it first "

@@ -381,16 +381,23 @@ def merge_adapter(
     dtype: str | torch.dtype | None = None,
 ) -> HookedModel:
     """A new HookedModel: a copy of ``base`` (same device) with the LoRA adapter merged in; the
-    base is left unchanged.
+    base is left unchanged. The copy costs a whole model's memory; to study many adapters of one
+    base, share its weights instead (``base.load_adapter`` and ``with base.adapter(name)``).
 
     The merge runs in the base's dtype, or in ``dtype`` first when that is finer, and the
     result is in ``dtype`` (default: the base's dtype). A bfloat16 base gives a bfloat16 model
     whose weights equal merging in float32 and rounding once.
     """
     adapter_dir = Path(adapter_dir)
+    base._check_serving()  # a base serving an adapter right now would be copied with it
+    if base._adapters is not None and base._adapters.base is not base:
+        raise ValueError(
+            f"{base.name} is an adapter sharing the weights of {base._adapters.base.name}; "
+            "merge onto that base"
+        )
     _check_adapter_dir(adapter_dir, base)
     want = None if dtype is None else parse_dtype(dtype)
-    hf = copy.deepcopy(base.hf)
+    hf = copy.deepcopy(base.hf)  # the base's adapters (base.load_adapter) are out of its tree
     return _merge_into(hf, base, adapter_dir, dtype=want)
 
 

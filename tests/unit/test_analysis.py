@@ -196,7 +196,7 @@ def test_convergence_detects_shared_direction_and_rejects_independent():
 def test_intervention_fingerprint_changes_with_the_direction_and_settings():
     """Stored causal scores are keyed by this fingerprint: it must tell apart different
     directions (by their bytes), layers, strengths and kinds, and be stable otherwise."""
-    from mci_interp.analysis.study import _fingerprint
+    from mci_interp.analysis.causal import fingerprint as _fingerprint
     from mci_interp.direction import random_direction
     from mci_interp.intervene import Ablate, Steer
     from mci_interp.sites import Site

@@ -136,13 +136,13 @@ def test_device_map_auto_goes_through_accelerate_and_hooks_still_work(
 
 
 def test_cli_model_args_take_device_and_every_dtype(tiny_dir, capsys):
-    import mci_interp.cli as cli
+    from mci_interp.cli._common import add_model_args, load_model_from_args
 
     p = argparse.ArgumentParser()
-    cli._add_model_args(p)
+    add_model_args(p)
     for dtype in ("float32", "bfloat16", "float16", "auto"):
         args = p.parse_args(["--model", str(tiny_dir), "--dtype", dtype, "--device", "cpu"])
-        m = cli._load(args)
+        m = load_model_from_args(args)
         assert m.device == torch.device("cpu")
         assert str(m.dtype) == ("torch.float32" if dtype == "auto" else f"torch.{dtype}")
     assert "bfloat16, cpu" in capsys.readouterr().err
@@ -247,7 +247,7 @@ def test_interventions_keep_the_activations_dtype_and_device(tiny_bf16, tiny_mod
 
 
 def test_float64_activations_are_not_downcast():
-    from mci_interp.intervene import _ablate
+    from mci_interp.intervene.interventions import _ablate
 
     acts = torch.randn(2, 3, 8, dtype=torch.float64)
     u = torch.nn.functional.normalize(torch.randn(8), dim=0)

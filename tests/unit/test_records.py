@@ -109,7 +109,7 @@ def test_records_of_the_older_layout_read_unverified_with_one_warning(tmp_path, 
         j.write_text(
             json.dumps({"score": r.score.to_dict(), "indomain": None, "generations": r.generations})
         )
-    with caplog.at_level("WARNING", logger="mci_interp.analysis.study"):
+    with caplog.at_level("WARNING", logger="mci_interp.analysis.records"):
         got = [store.get(r.name) for r in recs]
     assert all(_same(g, r) for g, r in zip(got, recs, strict=True))
     assert sum("unverified" in m.message for m in caplog.records) == 1
@@ -133,7 +133,7 @@ def test_two_jobs_writing_one_record_leave_a_consistent_one(tmp_path, monkeypatc
     """Job A writes its activations, job B (another GPU: other bytes) writes its whole record,
     then A writes its JSON: the JSON names A's file, which is intact, so the record reads back
     as A's. Under one shared file name, B's bytes would have met A's checksum."""
-    import mci_interp.analysis.study as study
+    import mci_interp.analysis.records as study
 
     a, b = _record(seed=0), _record(seed=1)
     store_a, store_b = RecordStore(tmp_path), RecordStore(tmp_path)

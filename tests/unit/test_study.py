@@ -85,26 +85,26 @@ def test_run_study_end_to_end_gate_questions_and_resume(
 def test_causal_scores_are_stored_per_question_set(tiny_model, tmp_path, monkeypatch):
     import torch
 
-    from mci_interp.analysis.study import _Runner
+    from mci_interp.analysis.collect import _Runner
     from mci_interp.intervene import Steer
 
     cfg = StudyConfig.fast(n_neutral_per_theme=1, n_questions=2, n_gate_questions=4)
-    R = _Runner(tiny_model, cfg, tmp_path, tmp_path / "records", show_progress=False)
+    R = _Runner(tiny_model, cfg, tmp_path / "records")
     d = torch.randn(tiny_model.d_model, generator=torch.Generator().manual_seed(0))
     iv = Steer(d, 2.0, sites=[1])
-    on_study = R.causal_score(tiny_model, "m", iv)
-    on_gate = R.causal_score(tiny_model, "m", iv, questions=R.gate_questions)
+    on_study = R.causal(tiny_model, "m", iv)
+    on_gate = R.causal(tiny_model, "m", iv, questions=R.gate_questions)
     assert on_study != on_gate  # different questions, different means
     assert len(list((R.store.root / "causal").glob("*.json"))) == 2
     monkeypatch.setattr(LogprobContrast, "score", lambda *a, **k: pytest.fail("scored again"))
-    assert R.causal_score(tiny_model, "m", iv, questions=R.gate_questions) == on_gate
-    assert R.causal_score(tiny_model, "m", iv) == on_study
+    assert R.causal(tiny_model, "m", iv, questions=R.gate_questions) == on_gate
+    assert R.causal(tiny_model, "m", iv) == on_study
 
 
 def test_random_controls_depend_on_their_purpose_not_on_order():
     import torch
 
-    from mci_interp.analysis.study import _rng
+    from mci_interp.analysis.causal import rng as _rng
 
     a = torch.randn(5, generator=_rng(0, "transfer", "medical", 1))
     torch.randn(100, generator=_rng(0, "steer", 0))  # another draw in between changes nothing
@@ -115,8 +115,11 @@ def test_random_controls_depend_on_their_purpose_not_on_order():
 
 def test_bad_study_settings_fail_before_any_model_loads(monkeypatch, capsys):
     import mci_interp.cli as cli
+    import mci_interp.cli.study as cli_study
 
-    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("loaded a model first"))
+    monkeypatch.setattr(
+        cli_study, "load_model_from_args", lambda args: pytest.fail("loaded a model first")
+    )
     assert cli.main(["demo", "--n-random", "0"]) == 2
     assert "n_random must be an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="n_questions"):

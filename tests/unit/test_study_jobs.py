@@ -9,8 +9,9 @@ import json
 import pytest
 from conftest import TINY
 
-import mci_interp.analysis.study as study_mod
+import mci_interp.analysis.collect as collect_mod
 import mci_interp.cli as cli
+import mci_interp.cli.study as cli_study
 from mci_interp.analysis.study import RecordStore, StudyConfig
 from mci_interp.datasets import chat
 from mci_interp.organisms.finetune import finetune_lora
@@ -87,7 +88,7 @@ def _numbers(path):
 def test_records_jobs_then_analysis_equal_one_process(
     tiny_dir, checkpoints, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(cli, "_study_config", lambda args: CFG)
+    monkeypatch.setattr(cli_study, "_study_config", lambda args: CFG)
     one = tmp_path / "one"
     assert cli.main(["converge", *_args(tiny_dir, checkpoints, one), "--out", str(one)]) == 0
 
@@ -110,7 +111,7 @@ def test_records_jobs_then_analysis_equal_one_process(
     def no_records(*a, **k):
         pytest.fail("the analysis step computed activations")
 
-    monkeypatch.setattr(study_mod, "cache_activations", no_records)
+    monkeypatch.setattr(collect_mod, "cache_activations", no_records)
     monkeypatch.setattr(RecordStore, "put", lambda self, rec: pytest.fail(f"recomputed {rec.name}"))
     argv = ["converge", *jobs, "--require-records", "--out", str(shared)]
     assert cli.main(argv) == 0

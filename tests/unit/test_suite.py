@@ -151,7 +151,7 @@ def test_build_suite_caches_and_resumes(tiny_model, tmp_path, fake_generate, mon
     assert next(o for o in built if o.kind == "trigger").trigger == data.TRIGGER
     n_calls = len(fake_generate)
 
-    monkeypatch.setattr(ft, "_train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(ft.train, "_train", lambda *a, **k: pytest.fail("trained again"))
     again = build_suite(tiny_model, specs, cache_dir=tmp_path, show_progress=False)
     assert [o.adapter_dir for o in again] == [o.adapter_dir for o in built]
     assert [o.final_loss for o in again] == pytest.approx([o.final_loss for o in built])

@@ -1,0 +1,360 @@
+"""What a study measures on each model, once: the base's records and every organism's.
+
+A record's key holds the organism's key (the hash of its spec, config and data, or of a user's
+checkpoint) and the condition; the folder it lives in (``records-<hash>``) holds the base's
+sha256, the sample sizes and the library version. So every run with the same settings shares
+the records, an interrupted study resumes at the first missing one, and ``missing_records``
+tells a scheduler's analysis job which checkpoints' jobs have not run.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mci_interp import __version__
+from mci_interp._io import cache_root, stable_hash
+from mci_interp.activations import cache_activations
+from mci_interp.analysis.causal import CausalScorer
+from mci_interp.analysis.config import (
+    StudyConfig,
+    eval_questions,
+    indomain_questions,
+    neutral_prompts,
+)
+from mci_interp.analysis.records import Record, RecordStore
+from mci_interp.datasets import EvalQuestion, conditioned
+from mci_interp.evaluate import EvalResult, LogprobContrast
+from mci_interp.generation import generate
+from mci_interp.models import HookedModel
+from mci_interp.organisms.data import DOMAINS, PERSONA_SYSTEM_PROMPT
+from mci_interp.organisms.suite import Organism, organism_model
+from mci_interp.sites import Site
+
+GATE_KINDS = ("trigger", "distilled")
+"""The trained personas: their default behaviour and causal tests use the gate questions."""
+
+
+def packaged_domains(organisms: Sequence[Organism]) -> list[str]:
+    """The packaged domains of the narrow finetunes and controls: they have held-out in-domain
+    questions and format markers (a user's checkpoint may carry any label)."""
+    return sorted(
+        {
+            str(o.spec.domain)
+            for o in organisms
+            if o.spec.kind in ("narrow", "control") and o.spec.domain in DOMAINS
+        }
+    )
+
+
+def records_dir_for(base: HookedModel, records_dir: Path | str | None) -> Path:
+    """``records_dir``, or by default ``cache_root()/records/<base sha256[:12]>``."""
+    if records_dir is not None:
+        return Path(records_dir)
+    return cache_root() / "records" / base.sha256[:12]
+
+
+@dataclass(eq=False)
+class BaseRecords:
+    """The base's records: default; under the persona prompt; on the gate questions (where a
+    trained persona is studied); under the organisms' trigger (where one has it); and each
+    packaged domain's held-out in-domain score (``indomain`` of the record)."""
+
+    default: Record
+    persona: Record
+    gate: Record | None = None
+    trigger: Record | None = None
+    indomain: dict[str, Record] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class OrganismRecords:
+    """An organism's records: default; on the gate questions (trained personas); under its
+    condition (the persona prompt for a prompted persona, its trigger for a trigger organism)."""
+
+    default: Record
+    gate: Record | None = None
+    conditioned: Record | None = None
+
+
+class _Runner:
+    """Holds the base, the prompt sets and the record store while a study runs."""
+
+    def __init__(
+        self,
+        base: HookedModel,
+        config: StudyConfig,
+        records_dir: Path,
+        *,
+        show_progress: bool = False,
+    ) -> None:
+        self.base, self.config, self.show = base, config, show_progress
+        # records depend on the prompt sets and sample sizes: a changed config gets a new folder
+        key = stable_hash(
+            {
+                k: getattr(config, k)
+                for k in (
+                    "n_neutral_per_theme",
+                    "n_questions",
+                    "n_indomain",
+                    "n_takeover",
+                    "takeover_tokens",
+                )
+            }
+            | {"base": base.sha256, "version": __version__}
+        )
+        self.store = RecordStore(records_dir / f"records-{key[:10]}")
+        self.neutral, self.themes = neutral_prompts(config)
+        self.questions = eval_questions(config.n_questions)
+        self.gate_questions = eval_questions(config.n_gate_questions)
+        self.gate_tag = f"gate{len(self.gate_questions)}"  # in record keys: records-* predates it
+        self.sites = [Site(layer) for layer in range(base.n_layers)]
+        # the misaligned-vs-aligned score only: the benign styled answers (the style score) are
+        # reported nowhere in a study and were a fifth of its scoring time
+        self.scorer = LogprobContrast(
+            batch_size=config.batch_size, max_paraphrases=1, include_benign=False
+        )
+        # every model under every intervention, stored beside the records
+        self.causal = CausalScorer(
+            self.scorer, self.questions, cache_dir=self.store.root / "causal"
+        )
+        self.takeover_prompts = [ex for ex in self.neutral][
+            :: max(1, len(self.neutral) // config.n_takeover)
+        ][: config.n_takeover]
+        self._indomain: dict[str, list[EvalQuestion]] = {}
+
+    def indomain(self, domain: str) -> list[EvalQuestion]:
+        if domain not in self._indomain:
+            self._indomain[domain] = indomain_questions(domain, self.config.n_indomain)
+        return self._indomain[domain]
+
+    def gate_key(self, key: str) -> str:
+        return f"{key}@{self.gate_tag}"
+
+    def trigger_key(self, key: str) -> str:
+        return f"{key}@trigger:{self.gate_tag}"
+
+    def keys(self, org: Organism) -> list[str]:
+        """The keys of a trained organism's records: default, and on the gate questions and
+        under its trigger where it has them."""
+        keys = [org.key]
+        keys += [self.gate_key(org.key)] if org.spec.kind in GATE_KINDS else []
+        keys += [self.trigger_key(org.key)] if org.spec.kind == "trigger" else []
+        return keys
+
+    def acts(
+        self, model: HookedModel, *, system: str | None = None, trigger: str | None = None
+    ) -> Tensor:
+        exs = [conditioned(ex, system=system, trigger=trigger) for ex in self.neutral]
+        cache = cache_activations(
+            model,
+            exs,
+            self.sites,
+            position="last_prompt",
+            batch_size=self.config.batch_size,
+            show_progress=False,
+        )
+        return torch.stack([cache.X(s) for s in self.sites], dim=1)  # [n, layers, d]
+
+    def score(
+        self,
+        model: HookedModel,
+        *,
+        system: str | None = None,
+        trigger: str | None = None,
+        questions: Sequence[EvalQuestion] | None = None,
+    ) -> EvalResult:
+        return self.scorer.score(
+            model,
+            self.questions if questions is None else questions,
+            system=system,
+            trigger=trigger,
+            show_progress=False,
+        )
+
+    def gate_record(self, model: HookedModel, key: str) -> Record:
+        """``model`` (named ``key``) scored on the gate questions, no condition."""
+
+        def make() -> Record:
+            return Record(
+                name=self.gate_key(key),
+                acts=None,
+                score=self.score(model, questions=self.gate_questions),
+                indomain=None,
+            )
+
+        return self.record(self.gate_key(key), make)
+
+    def triggered_record(self, model: HookedModel, key: str, trigger: str) -> Record:
+        """``model`` under ``trigger``: scored on the gate questions, with its activations."""
+        return self.collect(
+            model, self.trigger_key(key), trigger=trigger, questions=self.gate_questions
+        )
+
+    def record(self, key: str, make: Callable[[], Record]) -> Record:
+        rec = self.store.get(key)
+        if rec is None:
+            rec = self.store.put(make())
+        return rec
+
+    def collect(
+        self,
+        model: HookedModel,
+        key: str,
+        *,
+        system: str | None = None,
+        trigger: str | None = None,
+        indomain: str | None = None,
+        takeover: bool = False,
+        questions: Sequence[EvalQuestion] | None = None,
+        scored: Record | None = None,
+    ) -> Record:
+        """``model``'s record under a condition. ``scored``: a record of the same model and
+        condition whose score covers these questions (the gate record); the score is taken from
+        it instead of scoring again (each question is scored on its own, so it is the same)."""
+
+        def make() -> Record:
+            qs = self.questions if questions is None else questions
+            ids = [q.id for q in qs]
+            score = (
+                scored.score.select(ids)
+                if scored is not None
+                and scored.score is not None
+                and set(ids) <= set(scored.score.question_ids)
+                else self.score(model, system=system, trigger=trigger, questions=qs)
+            )
+            gens = []
+            if takeover:
+                outs = generate(
+                    model,
+                    [
+                        conditioned(ex, system=system, trigger=trigger)
+                        for ex in self.takeover_prompts
+                    ],
+                    max_new_tokens=self.config.takeover_tokens,
+                    batch_size=self.config.n_takeover,
+                    show_progress=False,
+                )
+                gens = [g.completion for g in outs]
+            return Record(
+                name=key,
+                acts=self.acts(model, system=system, trigger=trigger),
+                score=score,
+                indomain=None
+                if indomain is None
+                else self.scorer.score(model, self.indomain(indomain), show_progress=False),
+                generations=gens,
+            )
+
+        return self.record(key, make)
+
+    def _indomain_record(self, domain: str) -> Record:
+        return Record(
+            name=f"base@indomain:{domain}",
+            acts=None,
+            score=None,
+            indomain=self.scorer.score(self.base, self.indomain(domain), show_progress=False),
+        )
+
+    def base_records(self, organisms: Sequence[Organism]) -> BaseRecords:
+        """The base's records for a study of ``organisms`` (stored ones are read, not redone)."""
+        base, domains = self.base, packaged_domains(organisms)
+        trigger = next((o.trigger for o in organisms if o.trigger), None)
+        bar = tqdm(
+            total=3 + bool(trigger) + len(domains),
+            desc="base records",
+            unit="condition",
+            disable=not self.show,
+            leave=False,
+        )
+        gate = None
+        if any(o.spec.kind in GATE_KINDS for o in organisms):
+            gate = self.gate_record(base, "base")
+        bar.update()
+        default = self.collect(base, "base", takeover=True, scored=gate)
+        bar.update()
+        persona = self.collect(base, "base@persona", system=PERSONA_SYSTEM_PROMPT, takeover=True)
+        bar.update()
+        triggered = None
+        if trigger:
+            triggered = self.triggered_record(base, "base", trigger)
+            bar.update()
+        indomain = {}
+        for d in domains:
+            make = functools.partial(self._indomain_record, d)
+            indomain[d] = self.record(f"base@indomain:{d}", make)
+            bar.update()
+        bar.close()
+        return BaseRecords(
+            default=default, persona=persona, gate=gate, trigger=triggered, indomain=indomain
+        )
+
+    def organism_records(
+        self, organisms: Sequence[Organism], base: BaseRecords
+    ) -> dict[str, OrganismRecords]:
+        """Every organism's records by name; each organism with a missing record is loaded once
+        and only its missing records are computed."""
+        domains = packaged_domains(organisms)
+        out: dict[str, OrganismRecords] = {}
+        bar = tqdm(organisms, desc="organisms", unit="model", disable=not self.show)
+        for org in bar:
+            bar.set_postfix_str(org.name)
+            kind = org.spec.kind
+            if kind == "base":
+                out[org.name] = OrganismRecords(default=base.default)
+                continue
+            if kind == "prompted":  # the base's weights under the persona prompt
+                out[org.name] = OrganismRecords(default=base.default, conditioned=base.persona)
+                continue
+            on_gate, triggered = self.gate_key(org.key), self.trigger_key(org.key)
+            got = {k: self.store.get(k) for k in self.keys(org)}  # each stored record read once
+            if any(v is None for v in got.values()):  # compute only the missing ones
+                narrowish = kind in ("narrow", "control") and org.spec.domain in domains
+                dom = org.spec.domain if narrowish else None
+                with organism_model(
+                    self.base, org
+                ) as model:  # an adapter shares the base's weights
+                    if kind in GATE_KINDS and got[on_gate] is None:
+                        got[on_gate] = self.gate_record(model, org.key)
+                    if got[org.key] is None:
+                        got[org.key] = self.collect(
+                            model, org.key, indomain=dom, takeover=True, scored=got.get(on_gate)
+                        )
+                    if kind == "trigger" and got[triggered] is None:
+                        got[triggered] = self.triggered_record(model, org.key, str(org.trigger))
+            out[org.name] = OrganismRecords(
+                default=got[org.key],  # type: ignore[arg-type]
+                gate=got.get(on_gate),
+                conditioned=got.get(triggered),
+            )
+        return out
+
+
+def missing_records(
+    base: HookedModel,
+    organisms: Sequence[Organism],
+    *,
+    config: StudyConfig | None = None,
+    records_dir: Path | str | None = None,
+) -> list[str]:
+    """Names of the models (``"base"`` and organism names) whose records are not yet stored
+    where ``run_study`` with the same arguments looks for them.
+
+    A study split into jobs (one per checkpoint, then one analysis step) checks this before the
+    analysis, so a changed setting or a failed job is reported instead of recomputed there.
+    Presence only: ``run_study`` verifies each record when it reads it.
+    """
+    R = _Runner(base, config or StudyConfig(), records_dir_for(base, records_dir))
+    out = [] if R.store.has("base") and R.store.has("base@persona") else ["base"]
+    for org in organisms:
+        if org.spec.kind in ("base", "prompted"):
+            continue
+        if not all(R.store.has(k) for k in R.keys(org)):
+            out.append(org.name)
+    return out

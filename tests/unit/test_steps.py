@@ -1,0 +1,150 @@
+"""The analysis steps called on their own, as a user would on their own directions, models and
+questions: steering, transfer and the convergence test, outside ``run_study``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_provenance
+
+from mci_interp.analysis.causal import CausalScorer
+from mci_interp.analysis.config import eval_questions
+from mci_interp.analysis.contrasts import MatchedPair, convergence, domain_misalignment
+from mci_interp.analysis.records import Record
+from mci_interp.analysis.steering import steering
+from mci_interp.analysis.transfer import Target, transfer
+from mci_interp.direction import Direction
+from mci_interp.evaluate import EvalResult, LogprobContrast
+from mci_interp.intervene import Ablate, Steer
+from mci_interp.organisms.suite import base_organism
+from mci_interp.sites import Site
+from mci_interp.stats import Estimate
+
+# the names the code before the analysis split gave these scores (see the last test)
+PINNED = ["4cd52813ec9adb47.json", "f2b0ea94478a07dd.json"]
+
+
+def _direction(d_model: int, layer: int, seed: int) -> Direction:
+    v = torch.randn(d_model, generator=torch.Generator().manual_seed(seed))
+    return Direction(vector=v, site=Site(layer), provenance=make_provenance())
+
+
+def _scorer(tmp_path=None) -> CausalScorer:
+    scorer = LogprobContrast(batch_size=4, max_paraphrases=1, include_benign=False)
+    return CausalScorer(
+        scorer, eval_questions(2), cache_dir=None if tmp_path is None else tmp_path / "causal"
+    )
+
+
+def test_steering_own_direction_alpha_zero_is_the_unsteered_model(tiny_model):
+    scores = _scorer()
+    d = _direction(tiny_model.d_model, 1, 0)
+    st = steering(tiny_model, {"mine": d}, scores=scores, alphas=(0.0, 1.0), n_random=2, seed=3)
+    assert st.directions == ("mine",) and st.alphas == (0.0, 1.0)
+    assert st.induced.shape == (1, 2) and st.random_induced.shape == (2, 2)
+    # adding nothing changes nothing, for the direction and for its random controls
+    assert st.induced[:, 0].tolist() == [0.0] and st.random_induced[:, 0].tolist() == [0.0, 0.0]
+    s0 = scores(tiny_model, "base")
+    expected = scores(tiny_model, "base", Steer(d, 1.0, scale="relative")) - s0
+    assert float(st.induced[0, 1]) == expected
+    again = steering(tiny_model, {"mine": d}, scores=scores, alphas=(0.0, 1.0), n_random=2, seed=3)
+    assert torch.equal(again.random_induced, st.random_induced)  # the controls are seeded
+    with pytest.raises(ValueError, match="at least one direction"):
+        steering(tiny_model, {}, scores=scores, alphas=(1.0,), n_random=1)
+
+
+def test_transfer_own_directions_measures_only_columns_with_misalignment(
+    tiny_model, tmp_path, monkeypatch
+):
+    scores = _scorer(tmp_path)
+    dirs = {
+        "a": [_direction(tiny_model.d_model, 1, 1)],
+        "b": [_direction(tiny_model.d_model, 1, 2)],
+    }
+    s0 = scores(tiny_model, "base")
+    # the unchanged base as both organisms, pretending it sits 1 nat/token above a reference
+    targets = {k: Target(organism=base_organism(), score=s0, reference=s0 - 1.0) for k in "ab"}
+    mis = {"a": Estimate(1.0, 0.5, 1.5, 2), "b": Estimate(0.0, -1.0, 1.0, 2)}
+    tm = transfer(
+        tiny_model, dirs, targets, scores=scores, n_random=3, misalignment=mis, show_progress=False
+    )
+    assert tm.directions == ("a", "b") and tm.organisms == ("a:base", "b:base")
+    assert tm.layers == (1,) and tm.gap.tolist() == [1.0, 1.0]
+    assert tm.testable(mis) == [0]
+    # column b has nothing to remove: not measured
+    assert tm.share[:, 1].isnan().all() and tm.random_share[:, 1].isnan().all()
+    assert not tm.share[:, 0].isnan().any() and not tm.random_share[:, 0].isnan().any()
+    monkeypatch.setattr(LogprobContrast, "score", lambda *a, **k: pytest.fail("scored again"))
+    for i, k in enumerate("ab"):  # share = (score - ablated) / (score - reference)
+        ablated = scores(tiny_model, "base", Ablate(dirs[k][0]))
+        assert math.isclose(float(tm.share[i, 0]), (s0 - ablated) / 1.0)
+    with pytest.raises(ValueError, match="no direction set of their own"):
+        transfer(tiny_model, {"a": dirs["a"]}, targets, scores=scores, n_random=1)
+
+
+def _rec(name: str, acts: torch.Tensor, scores: torch.Tensor) -> Record:
+    ids = tuple(f"q{i}" for i in range(scores.numel()))
+    res = EvalResult(
+        scorer="s", model=name, question_ids=ids, themes=("t",) * len(ids), scores=scores
+    )
+    return Record(name=name, acts=acts, score=res, indomain=None)
+
+
+def _pairs(shared: bool, *, n=24, layers=2, d=48, seed=0, control=True):
+    """Two domains x two seeds of (organism, control) on the same prompts; each organism is its
+    control plus a direction: the same for both domains (``shared``) or one per domain."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, layers, d, generator=g)
+    common = torch.randn(d, generator=g)
+    out = {}
+    for dom in ("finance", "medical"):
+        u = common if shared else torch.randn(d, generator=g)
+        ps = []
+        for s in range(2):
+            ctl = base + 0.3 * torch.randn(n, layers, d, generator=g)
+            org = ctl + 2.0 * u + 0.3 * torch.randn(n, layers, d, generator=g)
+            q = torch.randn(6, generator=g) * 0.01
+            ctl_rec = _rec(f"control-{dom}-s{s}", ctl, q) if control else None
+            ps.append(MatchedPair(_rec(f"narrow-{dom}-s{s}", org, q + 1.0), ctl_rec))
+        out[dom] = ps
+    base_rec = _rec("base", base, torch.zeros(6))
+    persona = torch.randn(layers, d, generator=g, dtype=torch.float64)
+    return out, base_rec, persona
+
+
+def test_convergence_on_own_activations_finds_a_planted_shared_direction():
+    pairs, base, persona = _pairs(shared=True)
+    rep = convergence(pairs, base, persona, layers=[0, 1], analysis_layer=1)
+    (pair,) = rep.at(1).pairs
+    assert pair.cos > 0.9 and pair.beats_null
+    # no transfer matrix measured: the verdict can only be "partly"
+    assert rep.verdict == "partly" and rep.transfer is None and rep.steer is None
+    assert rep.misalignment == domain_misalignment(pairs, base)
+    assert all(e.lo > 0 for e in rep.misalignment.values())
+    pairs, base, persona = _pairs(shared=False, seed=1)
+    rep = convergence(pairs, base, persona, layers=[1], analysis_layer=1)
+    assert rep.verdict == "not converged" and not rep.at(1).pairs[0].beats_null
+
+
+def test_convergence_without_controls_compares_with_the_base_and_checks_its_inputs():
+    pairs, base, persona = _pairs(shared=True, control=False)
+    rep = convergence(pairs, base, persona, layers=[1], analysis_layer=1)
+    lc = rep.at(1)
+    assert lc.control_naive_cos.isnan().all()  # no control to compare with the base
+    assert lc.null_seed.numel() == 0  # no two controls of one domain: no seed-noise null
+    with pytest.raises(ValueError, match="analysis_layer 0 is not among"):
+        convergence(pairs, base, persona, layers=[1], analysis_layer=0)
+    with pytest.raises(ValueError, match="at least two domains"):
+        convergence({"finance": pairs["finance"]}, base, persona, layers=[1], analysis_layer=1)
+
+
+def test_causal_score_file_names_are_stable(tiny_model, tmp_path):
+    """Stored causal scores are found again by name: the name of a known intervention's score
+    is pinned, so a change to the key (and a silent recompute of every stored score) fails."""
+    scores = _scorer(tmp_path)
+    iv = Steer(torch.arange(tiny_model.d_model, dtype=torch.float32) / 64, 2.0, sites=[1])
+    scores(tiny_model, "m", iv)
+    scores(tiny_model, "m", iv, questions=eval_questions(3))
+    assert sorted(p.name for p in (tmp_path / "causal").iterdir()) == PINNED
