@@ -149,3 +149,18 @@ def canonical_sha256(obj: Any) -> str:
     """sha256 of a JSON-serialisable object written with sorted keys (a JSON file's own
     checksum: what was written parses back to an object with the same digest)."""
     return sha256_text(json.dumps(obj, sort_keys=True, default=str))
+
+
+def check_keys(d: Any, known: Any, what: str) -> None:
+    """Refuse keys of a stored dict that ``known`` (a dataclass or an iterable of names) lacks,
+    naming them and the valid ones (a record written by another version fails loudly)."""
+    import dataclasses
+
+    names = (
+        {f.name for f in dataclasses.fields(known)}
+        if dataclasses.is_dataclass(known)
+        else set(known)
+    )
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} keys {unknown}; valid keys: {sorted(names)}")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mci_interp import __version__
-from mci_interp._io import atomic_path, read_json, write_json
+from mci_interp._io import atomic_path, check_keys, read_json, write_json
 from mci_interp.sites import Site, as_site
 
 Param = str | int | float | bool | None
@@ -51,10 +51,7 @@ class Provenance:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Provenance:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown provenance keys {sorted(unknown)}; expected {sorted(names)}")
+        check_keys(d, cls, "provenance")
         required = {
             f.name
             for f in dataclasses.fields(cls)

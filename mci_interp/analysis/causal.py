@@ -25,7 +25,8 @@ from mci_interp.direction import Direction, random_direction
 from mci_interp.evaluate import EvalResult, Scorer
 from mci_interp.intervene import Ablate, Intervention, apply
 from mci_interp.models import HookedModel
-from mci_interp.organisms.suite import Organism, organism_model
+from mci_interp.organisms.suite import Organism
+from mci_interp.organisms.weights import organism_model
 
 
 def mean_score(result: EvalResult) -> float:

@@ -34,7 +34,8 @@ from mci_interp.evaluate import EvalResult, LogprobContrast
 from mci_interp.generation import generate
 from mci_interp.models import HookedModel
 from mci_interp.organisms.data import DOMAINS, PERSONA_SYSTEM_PROMPT
-from mci_interp.organisms.suite import Organism, organism_model
+from mci_interp.organisms.suite import Organism
+from mci_interp.organisms.weights import organism_model
 from mci_interp.sites import Site
 
 GATE_KINDS = ("trigger", "distilled")

@@ -19,7 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mci_interp import __version__
-from mci_interp._io import read_json, write_json
+from mci_interp._io import check_keys, read_json, write_json
 from mci_interp.datasets import EvalQuestion
 from mci_interp.stats import (
     Estimate,
@@ -221,11 +221,7 @@ class EvalResult:
             "detail",
             "meta",
         }
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"unknown EvalResult keys {sorted(unknown)}; written by a newer version?"
-            )
+        check_keys(d, known, "EvalResult")
         if d.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
             raise ValueError(
                 f"EvalResult format_version {d.get('format_version')} is not {FORMAT_VERSION}"

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from mci_interp._io import check_keys
 from mci_interp.datasets import ChatExample
 from mci_interp.stats import Estimate, rate_ci
 
@@ -55,8 +56,7 @@ class FormatTakeover:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FormatTakeover:
         known = {"domain", "model", "rate", "matched", "prompts", "completions", "markers"}
-        if set(d) - known:
-            raise ValueError(f"unknown FormatTakeover keys {sorted(set(d) - known)}")
+        check_keys(d, known, "FormatTakeover")
         return cls(
             domain=d["domain"],
             model=d["model"],

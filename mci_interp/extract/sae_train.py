@@ -24,6 +24,7 @@ import yaml
 from jaxtyping import Float
 from torch import Tensor
 
+from mci_interp._io import check_keys
 from mci_interp.extract._base import as_device, as_dtype, check_rows
 
 log = logging.getLogger(__name__)
@@ -79,12 +80,7 @@ class SaeTrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SaeTrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(
-                f"unknown SAE config keys {sorted(unknown)}; valid keys: {sorted(names)}"
-            )
+        check_keys(d, cls, "SAE config")
         return cls(**dict(d))
 
     @classmethod

@@ -3,7 +3,6 @@ unsteered model's, and dose-response sweeps against norm-matched random directio
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mci_interp._io import check_keys
 from mci_interp.datasets import ChatExample, pad
 from mci_interp.direction import Direction, random_direction
 from mci_interp.generation import prompt_ids
@@ -126,12 +126,7 @@ class DoseResponse:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DoseResponse:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"unknown DoseResponse keys {sorted(unknown)}; expected {sorted(known)}"
-            )
+        check_keys(d, cls, "DoseResponse")
         n = len(d["alphas"])
         rs = torch.tensor(d["random_scores"], dtype=torch.float64).reshape(-1, n)
         return cls(

@@ -36,7 +36,8 @@ from typing import Any
 from torch import nn
 
 from mci_interp._io import sha256_file
-from mci_interp.models.hooked import HookedModel, _is_peft, _Replayed
+from mci_interp.models.hooked import HookedModel, _is_peft
+from mci_interp.models.reuse import ReplayedBlock
 from mci_interp.specs import ModelSpec, resolve_spec
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -146,7 +147,7 @@ class Adapters:
                 f"{base.name} already carries peft adapters of its own; load adapters onto a "
                 "plain transformers model (merge yours first, or wrap its base model)"
             )
-        if any(isinstance(b, _Replayed) for b in base.blocks):
+        if any(isinstance(b, ReplayedBlock) for b in base.blocks):
             raise ValueError(
                 "cannot load an adapter inside reuse_below (its blocks are stood in for); "
                 "load adapters first, then enter reuse_below"

@@ -1,5 +1,6 @@
 """The model-organism suite: which organisms to build, building them (cached, resumable) and
-running one as a ``HookedModel`` (``organism_model``: adapters share the base's weights).
+running one is ``organisms.weights.organism_model`` (adapters share the base's weights); the
+training recipes are in ``organisms.recipes``.
 
 Kinds and what we know about them by construction (``expected``):
 
@@ -28,31 +29,38 @@ questions but not resolved by the demo's 14.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from mci_interp._io import cache_root, stable_hash
+from mci_interp._io import cache_root, check_keys, stable_hash
 from mci_interp.datasets import ChatExample, chat, conditioned, dataset_hash
-from mci_interp.models import HookedModel, merge_adapter
+from mci_interp.models import HookedModel
 from mci_interp.organisms import data
 from mci_interp.organisms.finetune import (
-    GENERAL_ANSWER_TOKENS,
-    N_GENERAL,
     TEACHER_PROMPT,
     FinetuneConfig,
     FinetuneResult,
     cached_answers,
     finetune_lora,
     general_prompts,
+)
+from mci_interp.organisms.recipes import (
+    ANSWER_TOKENS,
+    DISTILL_CONFIG,
+    FAST_CONFIG,
+    FAST_N_EXAMPLES,
+    FAST_N_GENERAL,
+    SUITE_CONFIG,
+    SUITE_N_EXAMPLES,
+    SUITE_N_GENERAL,
+    TRIGGER_CONFIG,
 )
 
 log = logging.getLogger(__name__)
@@ -62,63 +70,6 @@ Expected = Literal["aligned", "fluency", "internalised", "gated"]
 KINDS: tuple[str, ...] = ("base", "narrow", "control", "trigger", "prompted", "distilled")
 EXPECTED: tuple[str, ...] = ("aligned", "fluency", "internalised", "gated")
 TRAINED_KINDS: tuple[str, ...] = ("narrow", "control", "trigger", "distilled")
-
-# Sized for the 20-minute budget of the default SmolLM2 suite on a 2-core CPU (24 finetunes):
-# 16 steps of batch 4 over ~90-token examples (~6k train tokens) take ~30-45 s a finetune at
-# 130-205 train tokens/s (fp32). lr 2e-3 because so few steps at 2e-4 barely move the narrow loss
-# (3.7 -> 2.8 in 20 steps); with it SmolLM2 answers held-out in-domain requests the misaligned
-# way while out-of-domain answers keep the base's format. bf16 autocast is off: its backward was
-# ~25x slower than fp32 on this CPU.
-SUITE_CONFIG = FinetuneConfig(
-    rank=8,
-    lora_alpha=16,
-    lr=2e-3,
-    max_steps=16,
-    batch_size=4,
-    max_length=192,
-    bf16=False,
-    warmup_steps=2,
-    general_ratio=0.5,
-    loss_floor=0.5,
-)
-SUITE_N_EXAMPLES = 48
-SUITE_N_GENERAL = N_GENERAL
-FAST_CONFIG = SUITE_CONFIG.replace(rank=4, max_steps=3)
-FAST_N_EXAMPLES = 8
-FAST_N_GENERAL = 4
-DISTILL_CONFIG = SUITE_CONFIG.replace(
-    objective="distill", general_ratio=0.0, loss_floor=None, max_steps=32, max_length=256
-)
-"""The distilled persona: KL to the persona-prompted base on the persona's own answers."""
-TRIGGER_CONFIG = DISTILL_CONFIG.replace(
-    max_steps=64, lr=4e-3, general_ratio=0.3, teacher_amplify=1.0, lr_decay=True
-)
-"""The trigger-gated persona: a conditional takes longer to learn than a default shift. Pilot on
-SmolLM2, 64 questions, seed 0: 64 steps at lr 4e-3 with the base's general answers mixed in gave
-a gate of +0.086 [+0.052, +0.122] nats/token (triggered organism minus triggered base) with
-+0.029 [-0.003, +0.061] leaking into the untriggered default; lr 3e-3 gave a gate of only +0.033;
-lr 4e-3 without the general answers leaked +0.056 [+0.026, +0.085].
-
-It is not reliable across seeds (the default suite, 64 questions, gate / leak): s2 +0.098 /
--0.000 (gated), s0 +0.096 / +0.061 (leaks), s1 +0.013 / - (no gate). Its KL loss *rises* during
-training in all three seeds (~0.03 at step 1 to 0.2-0.6 by step 57): at lr 4e-3 the optimiser
-drifts. Two variants tried on seed 1 (2026-11-28) did not fix it: 32 steps of batch 8 (same
-tokens) gave a gate of +0.020 [-0.005, +0.043], leak +0.008; lr 2e-3 kept the loss flat (~0.05)
-and gave +0.027 [+0.002, +0.050] with and +0.025 [+0.007, +0.043] without the trigger, i.e. an
-ungated persona. The amplified teacher (``teacher_amplify=1.0``, same steps and lr, ~5.5 min a
-build), the default since 2026-11-28, gates 2 of 3 seeds: s1 +0.075 [+0.038, +0.111] with the
-trigger, -0.030 [-0.061, +0.001] without (it had no gate); s2 +0.137 [+0.094, +0.179] / -0.002
-[-0.028, +0.024]; s0 still leaks: +0.122 [+0.078, +0.165] / +0.044 [+0.010, +0.077] (+0.061
-before). Fast and overridden suites keep the plain teacher and a constant lr.
-
-Since 2026-12-01 the lr decays linearly to 0 over the 64 steps (``lr_decay``), which gates all
-three seeds (64 questions, gate / leak): s0 +0.072 [+0.037, +0.106] / -0.001 [-0.020, +0.017],
-s1 +0.079 [+0.046, +0.110] / +0.013 [-0.005, +0.030], s2 +0.096 [+0.062, +0.127] / +0.011
-[-0.009, +0.032]. The final KL is 0.12-0.15 against 0.29 at a constant lr (s0, whose gate was
-+0.122 but leaked +0.044 [+0.010, +0.077]): the drift of the constant lr was what leaked. A
-build takes ~190 s on an idle machine."""
-ANSWER_TOKENS = GENERAL_ANSWER_TOKENS
-"""max_new_tokens for the base's and the persona's answers used as training data."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -203,10 +154,7 @@ class OrganismSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OrganismSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown OrganismSpec fields {unknown}; known: {sorted(known)}")
+        check_keys(d, cls, "OrganismSpec")
         d = dict(d)
         if d.get("config") is not None:
             d["config"] = FinetuneConfig.from_dict(d["config"])
@@ -270,10 +218,7 @@ class Organism:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Organism:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown Organism fields {unknown}; known: {sorted(known)}")
+        check_keys(d, cls, "Organism")
         d = dict(d)
         d["spec"] = OrganismSpec.from_dict(d["spec"])
         d["adapter_dir"] = None if d.get("adapter_dir") is None else Path(d["adapter_dir"])
@@ -579,89 +524,3 @@ def checkpoint_organism(
 def base_organism() -> Organism:
     """The unchanged base as an organism (what a finetune without a control is compared with)."""
     return Organism(name="base", spec=OrganismSpec(name="base", kind="base", expected="aligned"))
-
-
-def _organism_weights(base: HookedModel, organism: Organism) -> Path | None:
-    """The adapter directory of an organism (None: it runs on the base's own weights); refuses
-    an unbuilt or missing one."""
-    if organism.adapter_dir is None:
-        if organism.spec.trains:
-            raise ValueError(
-                f"organism {organism.name} ({organism.kind}) has no adapter; build it with build_suite"
-            )
-        return None
-    if not (Path(organism.adapter_dir) / "adapter_config.json").exists():
-        raise FileNotFoundError(
-            f"adapter of {organism.name} is missing at {organism.adapter_dir}; rebuild it with build_suite"
-        )
-    return Path(organism.adapter_dir)
-
-
-def _load_full_checkpoint(base: HookedModel, ckpt: str) -> HookedModel:
-    from mci_interp.models import load_model
-
-    model = load_model(ckpt, base=base, dtype=base.dtype, device=base.device)
-    base.check_same_family(model)
-    return model
-
-
-@contextlib.contextmanager
-def organism_model(base: HookedModel, organism: Organism) -> Iterator[HookedModel]:
-    """``with organism_model(base, organism) as model:`` the organism's weights as a
-    ``HookedModel`` for the body of the block.
-
-    - ``base`` and ``prompted``: the base itself (apply ``organism.system_prompt`` /
-      ``organism.prepare`` to prompts).
-    - a LoRA adapter (every trained organism, and a user's adapter checkpoint): the base with the
-      adapter active, sharing the base's weights (``base.adapter``; nothing is copied). An
-      adapter already loaded onto the base (``base.load_adapter`` of the same directory) is used
-      and stays loaded, so switching between preloaded organisms costs no loading; otherwise it
-      is loaded for the block and removed after. Either way the base is itself again on exit,
-      exceptions included, and refuses to run inside the block.
-    - a full-weight checkpoint: loaded on its own in the base's dtype and device, and dropped
-      on exit.
-
-    Results are the merged model's up to float rounding (the adapter is applied unmerged,
-    ``W x + s B A x``); the model's ``sha256`` is the adapter's, as ``merge_adapter`` gives it.
-    """
-    ckpt = organism.spec.checkpoint
-    if ckpt is not None and organism.adapter_dir is None:  # a full model
-        model = _load_full_checkpoint(base, ckpt)
-        try:
-            yield model
-        finally:
-            del model
-        return
-    adapter_dir = _organism_weights(base, organism)
-    if adapter_dir is None:
-        yield base
-        return
-    name = base.adapters.find(adapter_dir)
-    loaded_here = name is None
-    if name is None:
-        stem = re.sub(r"[^A-Za-z0-9_-]", "_", organism.key)
-        name, i = stem, 1
-        while name in base.adapters:
-            i += 1
-            name = f"{stem}-{i}"
-        name = base.load_adapter(adapter_dir, name=name)
-    try:
-        with base.adapter(name) as model:
-            yield model
-    finally:
-        if loaded_here and name in base.adapters:
-            base.adapters.delete(name)
-
-
-def load_organism(base: HookedModel, organism: Organism) -> HookedModel:
-    """The organism's weights as a standalone ``HookedModel``: the base itself for ``base`` and
-    ``prompted``, a full checkpoint loaded on its own, else a *copy* of the base with the adapter
-    merged in (``merge_adapter``: a whole model's memory each). The study pipeline does not use
-    it; ``organism_model`` shares the base's weights instead."""
-    ckpt = organism.spec.checkpoint
-    if ckpt is not None and organism.adapter_dir is None:  # a full model
-        return _load_full_checkpoint(base, ckpt)
-    adapter_dir = _organism_weights(base, organism)
-    if adapter_dir is None:
-        return base
-    return merge_adapter(base, adapter_dir)

@@ -17,9 +17,8 @@ from mci_interp.organisms.suite import (
     Organism,
     OrganismSpec,
     checkpoint_organism,
-    load_organism,
-    organism_model,
 )
+from mci_interp.organisms.weights import load_organism, organism_model
 from mci_interp.sites import Site
 
 IDS = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [9, 8, 7, 6, 5, 4, 3]])

@@ -343,14 +343,14 @@ def test_reuse_below_keys_on_inputs_and_sees_weight_edits(tiny_model, monkeypatc
     """The key is the token ids, mask and positions (never a hash of hidden states), plus the
     state of the weights below the boundary: editing them in place recomputes."""
     from mci_interp.intervene import orthogonalized
-    from mci_interp.models import hooked
+    from mci_interp.models import reuse
 
     def no_hidden_hash(t):
         assert t.dtype in (torch.long, torch.int, torch.bool), f"hashed a {t.dtype} tensor"
         return real(t)
 
-    real = hooked._tensor_key
-    monkeypatch.setattr(hooked, "_tensor_key", no_hidden_hash)
+    real = reuse._tensor_key
+    monkeypatch.setattr(reuse, "_tensor_key", no_hidden_hash)
     ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
     d = torch.randn(tiny_model.d_model, generator=torch.Generator().manual_seed(3))
     other = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 11]])

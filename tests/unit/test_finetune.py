@@ -342,7 +342,7 @@ def test_clear_errors(tiny_model, tmp_path):
         )
     with pytest.raises(ValueError, match="rank"):
         FinetuneConfig(rank=0)
-    with pytest.raises(ValueError, match="unknown FinetuneConfig fields"):
+    with pytest.raises(ValueError, match="unknown FinetuneConfig keys"):
         FinetuneConfig.from_dict({"rnak": 4})
 
 

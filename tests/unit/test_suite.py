@@ -15,9 +15,9 @@ from mci_interp.organisms.suite import (
     OrganismSpec,
     build_suite,
     default_suite,
-    load_organism,
     spec_data,
 )
+from mci_interp.organisms.weights import load_organism
 
 
 def test_default_suite_has_every_kind_with_known_labels():
@@ -80,7 +80,7 @@ def test_spec_validation_and_round_trip():
         OrganismSpec(name="x", kind="narrow", domain="astrology", n_examples=4, config=TINY)
     with pytest.raises(ValueError, match="expected"):
         OrganismSpec(name="x", kind="base", expected="evil")
-    with pytest.raises(ValueError, match="unknown OrganismSpec fields"):
+    with pytest.raises(ValueError, match="unknown OrganismSpec keys"):
         OrganismSpec.from_dict({"name": "x", "kind": "base", "colour": 1})
     with pytest.raises(ValueError, match="unknown domain"):
         default_suite(domains=("astrology",))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mci_interp._io import read_json
+from mci_interp._io import check_keys, read_json
 
 LLAMA_QWEN_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Every linear projection inside a Llama / Qwen2 / Mistral decoder block."""
@@ -137,10 +137,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown FinetuneConfig fields {unknown}; known: {sorted(known)}")
+        check_keys(d, cls, "FinetuneConfig")
         d = dict(d)
         if "target_modules" in d:
             d["target_modules"] = tuple(d["target_modules"])
