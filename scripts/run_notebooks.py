@@ -1,0 +1,44 @@
+"""Execute the tutorial notebooks with their committed settings and write the outputs into them
+(the figures readers see on GitHub). CI runs them separately on FAST settings and never rewrites
+them (tests/integration/test_notebooks.py).
+
+    .venv/bin/python scripts/run_notebooks.py             # every notebook
+    .venv/bin/python scripts/run_notebooks.py 03 05       # those whose name starts so
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def main(prefixes: list[str]) -> int:
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    paths = sorted(
+        p for p in NOTEBOOKS.glob("*.ipynb") if not prefixes or p.name.startswith(tuple(prefixes))
+    )
+    if not paths:
+        raise SystemExit(f"no notebook in {NOTEBOOKS} starts with {prefixes}")
+    for path in paths:
+        t0 = time.perf_counter()
+        nb = nbformat.read(path, as_version=4)
+        NotebookClient(
+            nb,
+            timeout=3600,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(NOTEBOOKS)}},
+        ).execute()
+        nbformat.write(nb, path)
+        print(f"{path.name}: executed and written in {time.perf_counter() - t0:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
