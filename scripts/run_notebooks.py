@@ -20,7 +20,10 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def main(prefixes: list[str]) -> int:
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    # the kernel's own inline backend puts figures into the outputs (Agg would leave only their
+    # repr); a plain progress bar, not the widget one, with its carriage returns resolved
+    os.environ.pop("MPLBACKEND", None)
+    os.environ["PYTHONWARNINGS"] = "ignore:IProgress not found"
     paths = sorted(
         p for p in NOTEBOOKS.glob("*.ipynb") if not prefixes or p.name.startswith(tuple(prefixes))
     )
@@ -33,6 +36,7 @@ def main(prefixes: list[str]) -> int:
             nb,
             timeout=3600,
             kernel_name="python3",
+            coalesce_streams=True,
             resources={"metadata": {"path": str(NOTEBOOKS)}},
         ).execute()
         nbformat.write(nb, path)
