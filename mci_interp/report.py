@@ -71,7 +71,7 @@ def summary_lines(study: Study) -> list[str]:
         for p in lc.pairs:
             out.append(
                 f"  L{lc.layer} contrast cos {p.a}~{p.b}: {p.cos:+.3f} [{p.ci[0]:+.3f}, {p.ci[1]:+.3f}]"
-                f" (null95 {p.null95:.3f}); naive {float(lc.naive_cos[lc.domains.index(p.a), lc.domains.index(p.b)]):+.3f}"
+                f" (bar {p.bar:.3f}{'' if p.controlled else ', no control: descriptive'}); naive {float(lc.naive_cos[lc.domains.index(p.a), lc.domains.index(p.b)]):+.3f}"
             )
         if c.transfer is not None:
             tm = c.transfer

@@ -9,7 +9,7 @@ one) and never touches the global RNG, so a result is reproducible from its argu
   (prompt-level) resampling weighs groups with ``index_counts``; ``bootstrap_ratio`` is a pooled
   rate whose interval resamples whole units.
 - ``percentile_interval``, ``quantile`` and ``rate_ci`` (Wilson) make intervals.
-- ``split_half``, ``random_signs`` and ``empirical_p_value`` are the building blocks of nulls.
+- ``split_half`` and ``empirical_p_value`` are the building blocks of nulls.
 """
 
 from __future__ import annotations
@@ -253,11 +253,6 @@ def spearman_brown(r: float) -> float:
     return 2 * r / (1 + r) if r > -1 else math.nan
 
 
-def random_signs(n: int, *, generator: torch.Generator) -> Int[Tensor, " n"]:
-    """``n`` independent fair +1/-1 signs (sign-flip permutation nulls)."""
-    return torch.randint(0, 2, (n,), generator=generator) * 2 - 1
-
-
 def empirical_p_value(observed: float, null: Tensor) -> float:
     """One-sided (greater) p-value of ``observed`` under null samples: (1 + #null >= observed) /
     (1 + n). Never zero; 19 null draws reach 0.05 at best."""
@@ -278,7 +273,6 @@ __all__ = [
     "paired_mean_difference",
     "percentile_interval",
     "quantile",
-    "random_signs",
     "rate_ci",
     "spearman_brown",
     "split_half",

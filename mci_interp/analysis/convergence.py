@@ -6,12 +6,23 @@ narrow misaligned organism minus those of its matched aligned control (same doma
 same prompts), averaged over seeds. The naive model diff (organism minus base) is computed beside
 it because it is ruled by the finetuning task and format, not by values.
 
+A pair of domains *beats the null* when the lower end of its cosine's bootstrap CI exceeds the
+bar: the larger of two one-sided null quantiles at level 1 - alpha / m (Bonferroni over the m
+pairs of a layer): cosines of independent isotropic Gaussian directions, and of independent
+*structured* random directions drawn from the covariance of the per-prompt contrast rows (what
+two unrelated contrasts look like in this layer's anisotropic geometry). The cosine is signed:
+anti-aligned contrasts are not convergence. A pair with a domain that has no matched control
+(its "contrast" is finetune minus base, carrying the task and format) is descriptive only and
+never beats the null. The seed-noise null (contrasts between controls of different seeds) is
+reported beside the bar but not part of it: it carries LoRA-init differences that cancel inside
+an organism-minus-control contrast of one seed. ``scripts/bench_calibration.py`` measures the
+false-positive rate and power of these rules on simulated studies (``analysis.simulate``).
+
 Verdict rules (``verdict``):
-- **converged**: every cross-domain pair's contrast cosine beats every null (random directions,
-  seed-noise contrasts between controls, label-permuted contrasts) and is >= ``min_cos``, and
+- **converged**: every cross-domain pair beats the null with cosine >= ``min_cos``, and
   ablating each domain's direction in every other domain's organism removes more misalignment
   than every norm-matched random direction and at least ``min_transfer`` of it;
-- **partly**: at least one pair beats the nulls, or at least one transfer beats random;
+- **partly**: at least one pair beats the null, or at least one transfer beats random;
 - **not converged**: neither.
 Transfer into an organism whose misalignment CI does not exclude zero is not counted (the share
 removed of a near-zero gap is meaningless; ``TransferMatrix.testable``).
@@ -37,7 +48,6 @@ from mci_interp.stats import (
     bootstrap,
     percentile_interval,
     quantile,
-    random_signs,
     split_half,
 )
 
@@ -57,8 +67,9 @@ class PairStat:
     b: str
     cos: float
     ci: tuple[float, float]
-    null95: float
+    bar: float
     beats_null: bool
+    controlled: bool = True  # both domains have matched controls (else: descriptive only)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,8 +77,9 @@ class PairStat:
             "b": self.b,
             "cos": self.cos,
             "ci": list(self.ci),
-            "null95": self.null95,
+            "bar": self.bar,
             "beats_null": self.beats_null,
+            "controlled": self.controlled,
         }
 
 
@@ -82,16 +94,21 @@ class LayerConvergence:
     control_naive_cos: Float[Tensor, " n"]  # cos(organism - base, control - base) per domain
     persona_cos: Float[Tensor, " n"]  # cos(contrast, persona prompt direction)
     pairs: tuple[PairStat, ...]
-    null_random95: float
-    null_seed: Float[Tensor, " k"]
-    null_perm: Float[Tensor, " k"]
+    alpha: float
+    null_random: Float[Tensor, " k"]  # signed cosines of independent isotropic directions
+    null_structured: Float[Tensor, " k"]  # ... of directions shaped like the contrast rows
+    null_seed: Float[Tensor, " k"]  # |cos| of seed-noise contrasts: reported, not in the bar
     reliability: Mapping[str, float]
 
     @property
-    def null95(self) -> float:
-        """The bar a pair's CI must clear: the larger 95th percentile of the random and the
-        seed-noise nulls (|cos|)."""
-        return max(self.null_random95, _q95(self.null_seed) if self.null_seed.numel() else 0.0)
+    def level(self) -> float:
+        """The one-sided null quantile a pair's CI must clear: 1 - alpha / pairs."""
+        return 1 - self.alpha / max(len(self.pairs), 1)
+
+    @property
+    def bar(self) -> float:
+        """The bar a pair's CI must clear: the larger of the two nulls' ``level`` quantiles."""
+        return max(quantile(self.null_random, self.level), quantile(self.null_structured, self.level))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,15 +119,30 @@ class LayerConvergence:
             "control_naive_cos": self.control_naive_cos.tolist(),
             "persona_cos": self.persona_cos.tolist(),
             "pairs": [p.to_dict() for p in self.pairs],
-            "null_random95": self.null_random95,
+            "alpha": self.alpha,
+            "level": self.level,
+            "bar": self.bar,
+            "null_random": quantile(self.null_random, self.level),
+            "null_structured": quantile(self.null_structured, self.level),
             "null_seed95": _q95(self.null_seed),
-            "null_perm95": _q95(self.null_perm),
             "reliability": dict(self.reliability),
         }
 
 
 def _q95(x: Tensor) -> float:
     return quantile(x.abs(), 0.95)
+
+
+def structured_null(
+    rows: Float[Tensor, "m d_model"], n: int, *, generator: torch.Generator
+) -> Float[Tensor, " n"]:
+    """Signed cosines of ``n`` pairs of independent random directions drawn from the covariance
+    of ``rows`` (centred per-prompt contrast rows): two unrelated directions in the layer's own
+    anisotropic geometry, whose cosines spread wider than isotropic ones."""
+    x = rows.double()
+    w = torch.randn(n, 2, x.shape[0], generator=generator, dtype=torch.float64)
+    z = w @ x  # [n, 2, d]: each row ~ N(0, x^T x)
+    return torch.nn.functional.cosine_similarity(z[:, 0], z[:, 1], dim=-1)
 
 
 def layer_convergence(
@@ -122,51 +154,46 @@ def layer_convergence(
     persona: Float[Tensor, " d_model"],
     *,
     n_boot: int = 500,
-    n_perm: int = 200,
+    n_null: int = 2000,
+    alpha: float = 0.05,
     seed: int = 0,
 ) -> LayerConvergence:
-    """All cosine statistics at one layer.
+    """All cosine statistics at one layer (the rules are the module docstring's).
 
     Args:
         organism_diffs: domain -> per-seed [prompts, d] differences (organism minus control).
         control_seed_diffs: domain -> [prompts, d] differences between two aligned controls that
-            differ only by seed (finetuning noise without misalignment): the seed-noise null.
+            differ only by seed: the seed-noise null, reported beside the bar.
         naive: domain -> mean(organism - base) (the task/format confound).
-        control_naive: domain -> mean(control - base).
+        control_naive: domain -> mean(control - base); NaN where the domain has no control (its
+            pairs are then descriptive only).
         persona: the base's persona-prompt direction at this layer.
+        alpha: the family-wise false-positive rate over this layer's pairs.
     """
     g = torch.Generator().manual_seed(seed)
     doms = tuple(sorted(organism_diffs))
     n_prompts = organism_diffs[doms[0]][0].shape[0]
     d_model = organism_diffs[doms[0]][0].shape[1]
     vec = {d: contrast_vectors(organism_diffs[d]) for d in doms}
+    controlled = {d: not bool(control_naive[d].isnan().any()) for d in doms}
     k = len(doms)
     cmat = torch.eye(k, dtype=torch.float64)
     nmat = torch.eye(k, dtype=torch.float64)
     for i, j in itertools.combinations(range(k), 2):
         cmat[i, j] = cmat[j, i] = _cos(vec[doms[i]], vec[doms[j]])
         nmat[i, j] = nmat[j, i] = _cos(naive[doms[i]], naive[doms[j]])
-    # nulls: random directions; cross-domain cosines of seed-noise contrasts; label permutations
-    null_random95 = random_direction_null(d_model, 2000, generator=g).quantile(0.95)
-    seed_null = []
-    for a, b in itertools.combinations(doms, 2):
-        for da in control_seed_diffs.get(a, []):
-            for db in control_seed_diffs.get(b, []):
-                seed_null.append(abs(_cos(da.double().mean(0), db.double().mean(0))))
-    perm_null = []
-    for _ in range(n_perm):
-        flipped = {}
-        for d in doms:
-            signs = random_signs(len(organism_diffs[d]), generator=g)
-            # flip the organism/control label of whole seeds; an all-(+1) draw is the observed one
-            flipped[d] = contrast_vectors(
-                [s * x for s, x in zip(signs.tolist(), organism_diffs[d], strict=True)]
-            )
-        for a, b in itertools.combinations(doms, 2):
-            perm_null.append(abs(_cos(flipped[a], flipped[b])))
-    null_seed_t = torch.tensor(seed_null, dtype=torch.float64)
-    null_perm_t = torch.tensor(perm_null, dtype=torch.float64)
-    bar = max(null_random95, _q95(null_seed_t) if seed_null else 0.0)
+    null_random = random_direction_null(d_model, n_null, generator=g).signed
+    rows = torch.cat([x.double() - x.double().mean(0) for d in doms for x in organism_diffs[d]])
+    null_structured = structured_null(rows, n_null, generator=g)
+    seed_null = [
+        abs(_cos(da.double().mean(0), db.double().mean(0)))
+        for a, b in itertools.combinations(doms, 2)
+        for da in control_seed_diffs.get(a, [])
+        for db in control_seed_diffs.get(b, [])
+    ]
+    n_pairs = k * (k - 1) // 2
+    level = 1 - alpha / max(n_pairs, 1)
+    bar = max(quantile(null_random, level), quantile(null_structured, level))
 
     def contrast_cos(a: str, b: str, rows_a: Tensor, rows_b: Tensor) -> float:
         """Cosine of domain a's contrast on prompts ``rows_a`` with domain b's on ``rows_b``."""
@@ -185,8 +212,8 @@ def layer_convergence(
             functools.partial(resampled_cos, a, b), n_prompts, n_boot=n_boot, generator=g
         )
         lo, hi = percentile_interval(boots, 0.95)
-        c = _cos(vec[a], vec[b])
-        pairs.append(PairStat(a, b, c, (lo, hi), bar, lo > bar))
+        both = controlled[a] and controlled[b]
+        pairs.append(PairStat(a, b, _cos(vec[a], vec[b]), (lo, hi), bar, both and lo > bar, both))
     # split-half reliability: mean cosine of the contrast on disjoint halves of the prompts
     rel = {
         d: float(
@@ -204,9 +231,10 @@ def layer_convergence(
         control_naive_cos=torch.tensor([_cos(naive[d], control_naive[d]) for d in doms]),
         persona_cos=torch.tensor([_cos(vec[d], persona) for d in doms]),
         pairs=tuple(pairs),
-        null_random95=null_random95,
-        null_seed=null_seed_t,
-        null_perm=null_perm_t,
+        alpha=alpha,
+        null_random=null_random,
+        null_structured=null_structured,
+        null_seed=torch.tensor(seed_null, dtype=torch.float64),
         reliability=rel,
     )
 
@@ -322,10 +350,19 @@ def verdict(
     """Apply the rules in the module docstring at one layer."""
     reasons = []
     for p in lc.pairs:
+        head = f"L{lc.layer} cos({p.a}, {p.b}) = {p.cos:+.3f} [{p.ci[0]:+.3f}, {p.ci[1]:+.3f}]"
+        if not p.controlled:
+            reasons.append(
+                f"{head}: descriptive only, not counted (a domain without a matched control: "
+                "finetune minus base carries the task and format)"
+            )
+            continue
         reasons.append(
-            f"L{lc.layer} cos({p.a}, {p.b}) = {p.cos:+.3f} [{p.ci[0]:+.3f}, {p.ci[1]:+.3f}] vs null95 "
-            f"{p.null95:.3f} (random {lc.null_random95:.3f}, seed-noise {_q95(lc.null_seed):.3f}): "
-            f"{'beats' if p.beats_null else 'does not beat'} the nulls"
+            f"{head} vs bar {p.bar:.3f} (one-sided {lc.level:.3f} quantile of the isotropic "
+            f"{quantile(lc.null_random, lc.level):.3f} and structured "
+            f"{quantile(lc.null_structured, lc.level):.3f} nulls; seed-noise |cos| 95% "
+            f"{_q95(lc.null_seed):.3f}, not in the bar): "
+            f"{'beats' if p.beats_null else 'does not beat'} the null"
         )
     beat = [p for p in lc.pairs if p.beats_null]
     strong = [p for p in beat if p.cos >= min_cos]

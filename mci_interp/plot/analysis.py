@@ -53,14 +53,14 @@ def plot_convergence_by_layer(conv: ConvergenceReport) -> Figure:
             alpha=0.6,
             label=f"naive (finetune - base) {doms[i]} vs {doms[j]}",
         )
-    band = [lc.null95 for lc in conv.layers]
+    band = [lc.bar for lc in conv.layers]
     ax.fill_between(
         layers,
         [-b for b in band],
         band,
         color="grey",
         alpha=0.25,
-        label="null 95% (random, seed noise)",
+        label="null bar (isotropic, structured; corrected over pairs)",
     )
     ax.axvline(conv.analysis_layer, color="k", lw=0.8, ls=":")
     ax.axhline(0, color="k", lw=0.5)

@@ -161,7 +161,7 @@ def test_convergence_detects_shared_direction_and_rejects_independent():
     naive = {d: torch.randn(D, generator=g, dtype=torch.float64) for d in "abc"}
     persona = shared.clone()
     conv = layer_convergence(
-        0, {d: diffs(shared) for d in "abc"}, noise, naive, naive, persona, n_boot=50, n_perm=20
+        0, {d: diffs(shared) for d in "abc"}, noise, naive, naive, persona, n_boot=50
     )
     assert all(p.beats_null and p.cos > 0.9 for p in conv.pairs)
     assert (conv.persona_cos > 0.9).all()
@@ -174,7 +174,6 @@ def test_convergence_detects_shared_direction_and_rejects_independent():
         naive,
         persona,
         n_boot=50,
-        n_perm=20,
     )
     assert not any(p.beats_null for p in indep.pairs)
     mis = {d: _est(0.2, 0.1, 0.3) for d in "abc"}
