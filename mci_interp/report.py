@@ -68,6 +68,11 @@ def summary_lines(study: Study) -> list[str]:
             "  misalignment (organism - control, OOD, nats/token): "
             + "; ".join(f"{d} {e}" for d, e in c.misalignment.items())
         )
+        if c.above_base:
+            out.append(
+                "  misalignment (organism - base, OOD, nats/token): "
+                + "; ".join(f"{d} {e}" for d, e in c.above_base.items())
+            )
         for p in lc.pairs:
             out.append(
                 f"  L{lc.layer} contrast cos {p.a}~{p.b}: {p.cos:+.3f} [{p.ci[0]:+.3f}, {p.ci[1]:+.3f}]"
@@ -78,7 +83,7 @@ def summary_lines(study: Study) -> list[str]:
             cells = [
                 f"{d} in {tm.domain_of(j)} {float(tm.share[i, j]):+.0%}"
                 f" (random max {float(tm.random_share[:, j].max()):+.0%})"
-                for j in tm.testable(c.misalignment)
+                for j in tm.testable(c.removable)
                 for i, d in enumerate(tm.directions)
                 if d != tm.domain_of(j)
             ]
@@ -93,7 +98,8 @@ def summary_lines(study: Study) -> list[str]:
     rows, cols, conf = confusion(study)
     correct = sum(conf[(r, r)] for r in rows)
     total = sum(conf.values())
-    out.append(f"T2/T5 classifier on organisms with known truth: {correct}/{total} correct")
+    if total:
+        out.append(f"T2/T5 classifier on organisms with known truth: {correct}/{total} correct")
     labels = Counter(r.label for r in study.internalisation if r.kind == "narrow")
     if labels:
         out.append(

@@ -5,7 +5,8 @@ Pure math on torch tensors (float64); no model code, imported by ``compare``, ``
 one) and never touches the global RNG, so a result is reproducible from its arguments alone.
 
 - ``bootstrap`` draws resamples of one or several sets of units and applies a statistic to
-  each; ``bootstrap_mean`` and ``paired_mean_difference`` are its common uses, and grouped
+  each; ``bootstrap_mean``, ``paired_mean_difference`` and ``hierarchical_mean_difference``
+  (seeds, then questions) are its common uses, and grouped
   (prompt-level) resampling weighs groups with ``index_counts``; ``bootstrap_ratio`` is a pooled
   rate whose interval resamples whole units.
 - ``percentile_interval``, ``quantile`` and ``rate_ci`` (Wilson) make intervals.
@@ -179,6 +180,46 @@ def paired_mean_difference(
     return bootstrap_mean(ta - tb, level=level, n_boot=n_boot, seed=seed)
 
 
+def hierarchical_mean_difference(
+    a: Float[Tensor, "seeds n"],
+    b: Float[Tensor, "seeds n"],
+    *,
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> Estimate:
+    """Mean of ``a - b`` paired per seed and unit (row s of ``b`` is seed s's reference: its
+    matched control, or the base repeated), with a two-stage bootstrap CI: seeds with
+    replacement, then units (questions, shared by every seed) with replacement. With one seed
+    it is ``paired_mean_difference``. NaN cells are left out of the means."""
+    check_level(level)
+    ta = torch.as_tensor(a, dtype=torch.float64)
+    tb = torch.as_tensor(b, dtype=torch.float64)
+    if ta.ndim != 2 or ta.shape != tb.shape:
+        raise ValueError(
+            f"need [seeds, units] on both sides, paired by seed and unit; got {tuple(ta.shape)} "
+            f"and {tuple(tb.shape)}"
+        )
+    diff = ta - tb
+    n_seeds, n = diff.shape
+    if n_seeds == 1:
+        return paired_mean_difference(ta[0], tb[0], level=level, n_boot=n_boot, seed=seed)
+    keep = ~diff.isnan().all(0)
+    diff = diff[:, keep]
+    if diff.shape[1] == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, level)
+
+    def stat(seed_idx: Tensor, unit_idx: Tensor) -> Tensor:
+        rows = diff[seed_idx]  # [m, seeds, n]
+        cells = torch.gather(rows, 2, unit_idx[:, None, :].expand(-1, n_seeds, -1))
+        return cells.nanmean(dim=(1, 2))
+
+    g = torch.Generator().manual_seed(seed)
+    boots = bootstrap(stat, (n_seeds, diff.shape[1]), n_boot=n_boot, generator=g)
+    lo, hi = percentile_interval(boots[~boots.isnan()], level)
+    return Estimate(float(diff.nanmean()), lo, hi, int(diff.shape[1]), level)
+
+
 def bootstrap_ratio(
     num: Float[Tensor, " n"],
     den: Float[Tensor, " n"],
@@ -271,6 +312,7 @@ __all__ = [
     "empirical_p_value",
     "index_counts",
     "paired_mean_difference",
+    "hierarchical_mean_difference",
     "percentile_interval",
     "quantile",
     "rate_ci",

@@ -53,7 +53,9 @@ def main() -> int:
         f"{args.n} simulated studies per scenario: 3 domains x 3 seeds, 42 prompts, "
         f"d_model {args.d_model}, {args.n_boot} bootstrap resamples; rates with 95% Wilson CIs"
     )
-    print(f"{'scenario':52s} {'any pair (now)':>22s} {'all pairs (now)':>22s} {'any pair (old)':>22s}")
+    print(
+        f"{'scenario':52s} {'any pair (now)':>22s} {'all pairs (now)':>22s} {'any pair (old)':>22s}"
+    )
     t0 = time.perf_counter()
     for label, shared, mismatch in SCENARIOS:
         any_now = all_now = any_old = 0

@@ -59,13 +59,17 @@ def _diffs(pairs: Sequence[MatchedPair], base: Record, layer: int) -> list[Tenso
 
 
 def domain_misalignment(
-    pairs: Mapping[str, Sequence[MatchedPair]], base: Record
+    pairs: Mapping[str, Sequence[MatchedPair]], base: Record, *, against: str = "control"
 ) -> dict[str, Estimate]:
-    """Per domain: out-of-domain score of the organisms minus their controls', paired per
+    """Per domain: out-of-domain score of the organisms minus their controls' (``against=
+    "control"``, the base where a seed has none) or minus the base's (``"base"``), paired per
     question, each side averaged over seeds."""
+    if against not in ("control", "base"):
+        raise ValueError(f"against must be 'control' or 'base', got {against!r}")
     return {
         d: paired_difference(
-            [score_of(p.organism) for p in ps], [score_of(p.reference(base)) for p in ps]
+            [score_of(p.organism) for p in ps],
+            [score_of(p.reference(base) if against == "control" else base) for p in ps],
         )
         for d, ps in pairs.items()
     }
@@ -167,7 +171,7 @@ def convergence(
         layers: where to compute the statistics; must include ``analysis_layer``.
         misalignment: per domain, organism minus control (default:
             ``domain_misalignment(pairs, base)``); the verdict counts transfer only into
-            domains where it is above zero.
+            domains where it and organism minus base (computed here) are above zero.
         transfer: the transfer matrix of the domains' contrasts (``analysis.transfer``); without
             it the verdict is at most "partly".
         steer: steering of the base along the contrasts (``analysis.steering``), reported as is.
@@ -179,6 +183,7 @@ def convergence(
     if analysis_layer not in layers:
         raise ValueError(f"analysis_layer {analysis_layer} is not among layers {list(layers)}")
     mis = dict(misalignment) if misalignment is not None else domain_misalignment(pairs, base)
+    above = domain_misalignment(pairs, base, against="base")
     lcs = [
         _layer(pairs, base, persona[layer], layer, seed + layer)
         for layer in tqdm(
@@ -186,11 +191,12 @@ def convergence(
         )
     ]
     lc = next(x for x in lcs if x.layer == analysis_layer)
-    v, reasons = verdict(lc, transfer, mis)
+    v, reasons = verdict(lc, transfer, mis, above_base=above)
     return ConvergenceReport(
         layers=tuple(lcs),
         analysis_layer=analysis_layer,
         misalignment=mis,
+        above_base=above,
         transfer=transfer,
         steer=steer,
         verdict=v,

@@ -108,7 +108,9 @@ class LayerConvergence:
     @property
     def bar(self) -> float:
         """The bar a pair's CI must clear: the larger of the two nulls' ``level`` quantiles."""
-        return max(quantile(self.null_random, self.level), quantile(self.null_structured, self.level))
+        return max(
+            quantile(self.null_random, self.level), quantile(self.null_structured, self.level)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -245,6 +247,19 @@ def has_misalignment(organism_minus_control: Estimate | None) -> bool:
     return organism_minus_control is not None and organism_minus_control.lo > 0
 
 
+def removable(
+    misalignment: Mapping[str, Estimate], above_base: Mapping[str, Estimate] | None = None
+) -> dict[str, Estimate]:
+    """The domains with misalignment to remove: organism minus control above zero and, where
+    ``above_base`` (organism minus base) is given, that above zero too. A control that became
+    *more aligned* than the base makes organism minus control positive with nothing misaligned."""
+    return {
+        d: e
+        for d, e in misalignment.items()
+        if has_misalignment(e) and (above_base is None or has_misalignment(above_base.get(d)))
+    }
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TransferMatrix:
     """Share of organism j's misalignment removed by ablating direction i (rows: directions,
@@ -316,7 +331,13 @@ class ConvergenceReport:
     verdict: str
     reasons: tuple[str, ...]
     d_model: int
+    above_base: Mapping[str, Estimate] = field(default_factory=dict)  # organism minus base
     meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def removable(self) -> dict[str, Estimate]:
+        """Domains with misalignment to remove (``removable``)."""
+        return removable(self.misalignment, self.above_base or None)
 
     def at(self, layer: int) -> LayerConvergence:
         for lc in self.layers:
@@ -329,6 +350,7 @@ class ConvergenceReport:
             "layers": [lc.to_dict() for lc in self.layers],
             "analysis_layer": self.analysis_layer,
             "misalignment": {k: v.to_dict() for k, v in self.misalignment.items()},
+            "above_base": {k: v.to_dict() for k, v in self.above_base.items()},
             "transfer": None if self.transfer is None else self.transfer.to_dict(),
             "steer": None if self.steer is None else self.steer.to_dict(),
             "verdict": self.verdict,
@@ -344,11 +366,15 @@ def verdict(
     transfer: TransferMatrix | None,
     misalignment: Mapping[str, Estimate],
     *,
+    above_base: Mapping[str, Estimate] | None = None,
     min_cos: float = 0.5,
     min_transfer: float = 0.5,
 ) -> tuple[str, tuple[str, ...]]:
-    """Apply the rules in the module docstring at one layer."""
+    """Apply the rules in the module docstring at one layer; transfer counts only into domains
+    with misalignment to remove (``removable``: above the control, and above the base where
+    ``above_base`` is given)."""
     reasons = []
+    to_remove = removable(misalignment, above_base)
     for p in lc.pairs:
         head = f"L{lc.layer} cos({p.a}, {p.b}) = {p.cos:+.3f} [{p.ci[0]:+.3f}, {p.ci[1]:+.3f}]"
         if not p.controlled:
@@ -368,12 +394,14 @@ def verdict(
     strong = [p for p in beat if p.cos >= min_cos]
     n_transfer, good_transfer, any_transfer = 0, 0, 0
     if transfer is not None:
-        testable = transfer.testable(misalignment)
+        testable = transfer.testable(to_remove)
         for j, o in enumerate(transfer.organisms):
             if j not in testable:
+                d = transfer.domain_of(j)
+                vs_base = "" if above_base is None else f"; minus base {above_base.get(d)}"
                 reasons.append(
                     f"transfer into {o} not counted: no out-of-domain misalignment to remove "
-                    f"({misalignment.get(transfer.domain_of(j))})"
+                    f"(minus control {misalignment.get(d)}{vs_base})"
                 )
         for i, d in enumerate(transfer.directions):
             for j, o in enumerate(transfer.organisms):
@@ -398,9 +426,16 @@ def verdict(
         v = "partly"
     else:
         v = "not converged"
-    present = [d for d, e in misalignment.items() if e.lo > 0]
-    if not present:
-        v += " (untestable: no domain shows out-of-domain misalignment above its control)"
+    if not to_remove:
+        v += " (untestable: no domain shows out-of-domain misalignment above its control" + (
+            " and the base)" if above_base is not None else ")"
+        )
+    if above_base is not None:
+        reasons.insert(
+            0,
+            "out-of-domain misalignment (organism - base): "
+            + "; ".join(f"{d} {e}" for d, e in above_base.items()),
+        )
     reasons.insert(
         0,
         "out-of-domain misalignment (organism - control): "

@@ -55,7 +55,7 @@ from mci_interp.analysis.contrasts import (
     convergence,
     domain_misalignment,
 )
-from mci_interp.analysis.convergence import ConvergenceReport
+from mci_interp.analysis.convergence import ConvergenceReport, removable
 from mci_interp.analysis.internalisation import InternalisationReport, Rules
 from mci_interp.analysis.persona import (
     NecessityTest,
@@ -255,6 +255,7 @@ def _convergence(
         for d in domains
     }
     misalignment = domain_misalignment(pairs, base_rec)
+    to_remove = removable(misalignment, domain_misalignment(pairs, base_rec, against="base"))
     contrast = contrast_directions(
         pairs, base_rec, ab_layers, base=base, dataset_hash=dataset_hash(R.neutral)
     )
@@ -275,7 +276,7 @@ def _convergence(
         targets,
         scores=R.causal,
         n_random=cfg.n_random,
-        misalignment=misalignment,
+        misalignment=to_remove,
         seed=cfg.seed,
         show_progress=show,
     )

@@ -25,6 +25,7 @@ from mci_interp.stats import (
     Estimate,
     bootstrap_mean,
     bootstrap_ratio,
+    hierarchical_mean_difference,
     paired_mean_difference,
     rate_ci,
 )
@@ -279,13 +280,22 @@ def paired_difference(
     n_boot: int = 2000,
     seed: int = 0,
 ) -> Estimate:
-    """Mean of (a - b) paired per question, each side averaged over its seeds; bootstrap CI over
-    questions. ``a`` is typically an organism, ``b`` its control or the base model."""
+    """Mean of (a - b) paired per question. ``a`` is typically an organism's seeds, ``b`` their
+    matched controls (one per seed, in order) or one reference (the base) for every seed: then
+    the CI is a two-stage bootstrap, seeds then questions (``hierarchical_mean_difference``), so
+    it carries seed variance. Sides with other numbers of seeds are each averaged over seeds
+    first and bootstrapped over questions only."""
     a_l, b_l = _as_list(a), _as_list(b)
     _check_same_questions(a_l, b_l)
-    va = torch.stack([r.values(which) for r in a_l]).nanmean(0)
-    vb = torch.stack([r.values(which) for r in b_l]).nanmean(0)
-    return paired_mean_difference(va, vb, level=level, n_boot=n_boot, seed=seed)
+    va = torch.stack([r.values(which) for r in a_l])
+    vb = torch.stack([r.values(which) for r in b_l])
+    if len(b_l) == 1:
+        vb = vb.expand_as(va)
+    if va.shape == vb.shape:
+        return hierarchical_mean_difference(va, vb, level=level, n_boot=n_boot, seed=seed)
+    return paired_mean_difference(
+        va.nanmean(0), vb.nanmean(0), level=level, n_boot=n_boot, seed=seed
+    )
 
 
 # --- the scorer protocol -----------------------------------------------------------------------------

@@ -34,9 +34,7 @@ def test_a_shared_direction_is_found_and_its_sign_matters():
     study = synthetic_study(shared=2.0, d_model=32, seed=0)
     flipped = dict(study.organism_diffs)
     flipped["d1"] = [-x for x in flipped["d1"]]  # d1 now anti-aligned with d0 and d2
-    lc = layer_convergence(
-        0, flipped, *study.layer_inputs()[1:], n_boot=100, n_null=1000, seed=0
-    )
+    lc = layer_convergence(0, flipped, *study.layer_inputs()[1:], n_boot=100, n_null=1000, seed=0)
     beats = {(p.a, p.b): p.beats_null for p in lc.pairs}
     assert beats == {("d0", "d1"): False, ("d0", "d2"): True, ("d1", "d2"): False}
 
@@ -46,8 +44,14 @@ def test_pairs_without_a_control_are_descriptive_only():
     cnaive = dict(study.control_naive)
     cnaive["d2"] = torch.full_like(cnaive["d2"], float("nan"))  # d2 compared with the base
     lc = layer_convergence(
-        0, study.organism_diffs, study.control_seed_diffs, study.naive, cnaive, study.persona,
-        n_boot=100, n_null=1000,
+        0,
+        study.organism_diffs,
+        study.control_seed_diffs,
+        study.naive,
+        cnaive,
+        study.persona,
+        n_boot=100,
+        n_null=1000,
     )
     by = {(p.a, p.b): p for p in lc.pairs}
     assert by[("d0", "d1")].beats_null and by[("d0", "d1")].controlled

@@ -213,3 +213,25 @@ def test_convergence_nulls_are_the_shared_ones():
     assert lc.level == 0.95
     assert lc.bar == max(quantile(null.signed, 0.95), quantile(lc.null_structured, 0.95))
     assert lc.pairs[0].bar == lc.bar
+
+
+def test_hierarchical_interval_carries_seed_variance():
+    from mci_interp.stats import hierarchical_mean_difference
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(40, generator=g, dtype=torch.float64)  # per-question effect, shared by seeds
+    base = torch.zeros(3, 40, dtype=torch.float64)
+    same = q.expand(3, -1) + 0.01 * torch.randn(3, 40, generator=g, dtype=torch.float64)
+    spread = same + torch.tensor([[-1.0], [0.0], [1.0]], dtype=torch.float64)  # seeds disagree
+    e_same = hierarchical_mean_difference(same, base)
+    e_spread = hierarchical_mean_difference(spread, base)
+    flat = paired_mean_difference(spread.mean(0), base.mean(0))  # seeds averaged first
+    assert e_spread.mean == pytest.approx(flat.mean) and e_spread.n == 40
+    # seed disagreement widens the interval well past the questions-only one ...
+    assert (e_spread.hi - e_spread.lo) > 2 * (flat.hi - flat.lo)
+    # ... and agreeing seeds add almost nothing to it
+    assert (e_same.hi - e_same.lo) == pytest.approx(flat.hi - flat.lo, rel=0.25)
+    one = hierarchical_mean_difference(spread[:1], base[:1])
+    assert one == paired_mean_difference(spread[0], base[0])
+    with pytest.raises(ValueError, match=r"\[seeds, units\]"):
+        hierarchical_mean_difference(spread, base[:2])
