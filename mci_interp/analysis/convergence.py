@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +100,9 @@ class LayerConvergence:
     null_structured: Float[Tensor, " k"]  # ... of directions shaped like the contrast rows
     null_seed: Float[Tensor, " k"]  # |cos| of seed-noise contrasts: reported, not in the bar
     reliability: Mapping[str, float]
+    # per domain: mean cosine between its single-seed contrasts (NaN with one seed), the
+    # ceiling a cross-domain cosine is read against: seeds of one domain agree this much
+    seed_cos: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def level(self) -> float:
@@ -128,6 +132,7 @@ class LayerConvergence:
             "null_structured": quantile(self.null_structured, self.level),
             "null_seed95": _q95(self.null_seed),
             "reliability": dict(self.reliability),
+            "seed_cos": dict(self.seed_cos),
         }
 
 
@@ -225,6 +230,20 @@ def layer_convergence(
         )
         for d in doms
     }
+    seed_cos = {
+        d: float(
+            torch.tensor(
+                [
+                    _cos(x.double().mean(0), y.double().mean(0))
+                    for x, y in itertools.combinations(xs, 2)
+                ],
+                dtype=torch.float64,
+            ).mean()
+        )
+        if len(xs) > 1
+        else math.nan
+        for d, xs in organism_diffs.items()
+    }
     return LayerConvergence(
         layer=layer,
         domains=doms,
@@ -238,6 +257,7 @@ def layer_convergence(
         null_structured=null_structured,
         null_seed=torch.tensor(seed_null, dtype=torch.float64),
         reliability=rel,
+        seed_cos=seed_cos,
     )
 
 
@@ -376,7 +396,11 @@ def verdict(
     reasons = []
     to_remove = removable(misalignment, above_base)
     for p in lc.pairs:
-        head = f"L{lc.layer} cos({p.a}, {p.b}) = {p.cos:+.3f} [{p.ci[0]:+.3f}, {p.ci[1]:+.3f}]"
+        head = (
+            f"L{lc.layer} cos({p.a}, {p.b}) = {p.cos:+.3f} [{p.ci[0]:+.3f}, {p.ci[1]:+.3f}] "
+            f"(seeds within a domain: {p.a} {lc.seed_cos.get(p.a, math.nan):+.3f}, "
+            f"{p.b} {lc.seed_cos.get(p.b, math.nan):+.3f})"
+        )
         if not p.controlled:
             reasons.append(
                 f"{head}: descriptive only, not counted (a domain without a matched control: "
