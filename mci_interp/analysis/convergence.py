@@ -47,6 +47,7 @@ from mci_interp.compare import expected_abs_cosine, random_direction_null
 from mci_interp.stats import (
     Estimate,
     bootstrap,
+    index_counts,
     percentile_interval,
     quantile,
     split_half,
@@ -209,9 +210,14 @@ def layer_convergence(
             contrast_vectors([x[rows_b] for x in organism_diffs[b]]),
         )
 
-    def resampled_cos(a: str, b: str, idx: Tensor) -> list[float]:
+    # every seed answers the same prompts, so a resample's contrast is its count-weighted sum
+    # of the seed-averaged per-prompt rows: all resamples in one matmul
+    prompt_rows = {d: torch.stack([x.double() for x in organism_diffs[d]]).mean(0) for d in doms}
+
+    def resampled_cos(a: str, b: str, idx: Tensor) -> Tensor:
         # the same resampled prompts on both sides: the domains answer the same prompts
-        return [contrast_cos(a, b, i, i) for i in idx]
+        w = index_counts(idx, n_prompts)
+        return torch.nn.functional.cosine_similarity(w @ prompt_rows[a], w @ prompt_rows[b], dim=-1)
 
     pairs = []
     for a, b in itertools.combinations(doms, 2):
