@@ -73,6 +73,11 @@ def summary_lines(study: Study) -> list[str]:
                 "  misalignment (organism - base, OOD, nats/token): "
                 + "; ".join(f"{d} {e}" for d, e in c.above_base.items())
             )
+        if c.control_minus_base:
+            out.append(
+                "  control - base (OOD, nats/token): "
+                + "; ".join(f"{d} {e}" for d, e in c.control_minus_base.items())
+            )
         for p in lc.pairs:
             out.append(
                 f"  L{lc.layer} contrast cos {p.a}~{p.b}: {p.cos:+.3f} [{p.ci[0]:+.3f}, {p.ci[1]:+.3f}]"

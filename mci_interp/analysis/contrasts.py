@@ -62,10 +62,17 @@ def domain_misalignment(
     pairs: Mapping[str, Sequence[MatchedPair]], base: Record, *, against: str = "control"
 ) -> dict[str, Estimate]:
     """Per domain: out-of-domain score of the organisms minus their controls' (``against=
-    "control"``, the base where a seed has none) or minus the base's (``"base"``), paired per
-    question, each side averaged over seeds."""
-    if against not in ("control", "base"):
-        raise ValueError(f"against must be 'control' or 'base', got {against!r}")
+    "control"``, the base where a seed has none), the organisms' minus the base's (``"base"``),
+    or the controls' minus the base's (``"control-base"``: did the control move the other way?
+    domains without a control are left out), paired per question and seed."""
+    if against not in ("control", "base", "control-base"):
+        raise ValueError(f"against must be 'control', 'base' or 'control-base', got {against!r}")
+    if against == "control-base":
+        return {
+            d: paired_difference([score_of(p.control) for p in ps], score_of(base))
+            for d, ps in pairs.items()
+            if ps and all(p.control is not None for p in ps)
+        }
     return {
         d: paired_difference(
             [score_of(p.organism) for p in ps],
@@ -184,6 +191,7 @@ def convergence(
         raise ValueError(f"analysis_layer {analysis_layer} is not among layers {list(layers)}")
     mis = dict(misalignment) if misalignment is not None else domain_misalignment(pairs, base)
     above = domain_misalignment(pairs, base, against="base")
+    control_shift = domain_misalignment(pairs, base, against="control-base")
     lcs = [
         _layer(pairs, base, persona[layer], layer, seed + layer)
         for layer in tqdm(
@@ -197,6 +205,7 @@ def convergence(
         analysis_layer=analysis_layer,
         misalignment=mis,
         above_base=above,
+        control_minus_base=control_shift,
         transfer=transfer,
         steer=steer,
         verdict=v,

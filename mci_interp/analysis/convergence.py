@@ -358,6 +358,7 @@ class ConvergenceReport:
     reasons: tuple[str, ...]
     d_model: int
     above_base: Mapping[str, Estimate] = field(default_factory=dict)  # organism minus base
+    control_minus_base: Mapping[str, Estimate] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -377,6 +378,7 @@ class ConvergenceReport:
             "analysis_layer": self.analysis_layer,
             "misalignment": {k: v.to_dict() for k, v in self.misalignment.items()},
             "above_base": {k: v.to_dict() for k, v in self.above_base.items()},
+            "control_minus_base": {k: v.to_dict() for k, v in self.control_minus_base.items()},
             "transfer": None if self.transfer is None else self.transfer.to_dict(),
             "steer": None if self.steer is None else self.steer.to_dict(),
             "verdict": self.verdict,

@@ -148,3 +148,27 @@ def test_causal_score_file_names_are_stable(tiny_model, tmp_path):
     scores(tiny_model, "m", iv)
     scores(tiny_model, "m", iv, questions=eval_questions(3))
     assert sorted(p.name for p in (tmp_path / "causal").iterdir()) == PINNED
+
+
+def test_a_control_more_aligned_than_the_base_is_not_misalignment_to_remove():
+    """Organism minus control +1 with the organism no worse than the base (the control moved
+    the other way): nothing misaligned to remove, so no transfer counts and the verdict says
+    untestable (the public-EM case: bad minus good medical advice, the good finetune aligned)."""
+    pairs, base, persona = _pairs(shared=True)
+    moved = {
+        dom: [
+            MatchedPair(
+                _rec(p.organism.name, p.organism.acts, p.organism.score.scores - 1.0),
+                _rec(p.control.name, p.control.acts, p.control.score.scores - 1.0),
+            )
+            for p in ps
+            if p.control is not None
+        ]
+        for dom, ps in pairs.items()
+    }
+    rep = convergence(moved, base, persona, layers=[1], analysis_layer=1)
+    assert all(e.lo > 0.9 for e in rep.misalignment.values())  # organism - control: +1
+    assert all(e.hi < 0.1 for e in rep.above_base.values())  # organism - base: ~0
+    assert all(e.hi < -0.9 for e in rep.control_minus_base.values())  # the control moved
+    assert rep.removable == {} and "untestable" in rep.verdict
+    assert any("organism - base" in r for r in rep.reasons)
