@@ -7,7 +7,8 @@ Three outputs, one forward loop:
   resumes at the first missing shard and gives byte-identical files. The index keeps each
   shard's sha256; ``load_cache`` refuses a shard that differs, cannot be parsed or holds a NaN.
 
-The forward pass stops after the deepest requested block. Batches are formed from examples of
+(One module over ~500 lines because the three outputs share the one forward loop and its
+batching.) The forward pass stops after the deepest requested block. Batches are formed from examples of
 similar length (less padding) with right padding, so every selected activation equals the one
 from an unpadded forward pass.
 """

@@ -1,5 +1,10 @@
 """``HookedModel``: a Hugging Face causal LM (or a peft model around one) with TransformerLens-named
-hook points on its raw weights, the hooks themselves and ``reuse_below``."""
+hook points on its raw weights, the hooks themselves and ``reuse_below``.
+
+Why one module over ~500 lines: everything here acts on one module tree through one object
+(hook registration, the context managers that undo it, the adapter switch that must see the
+hooks); what stands alone is elsewhere (loading in ``load``, adapters in ``adapters``, the
+replay machinery in ``reuse``)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The model-organism suite: which organisms to build, building them (cached, resumable) and
 running one is ``organisms.weights.organism_model`` (adapters share the base's weights); the
-training recipes are in ``organisms.recipes``.
+training recipes are in ``organisms.recipes``. (Over ~500 lines because a fifth of it is this
+docstring and the per-kind docs below: what each organism is known to be by construction.)
 
 Kinds and what we know about them by construction (``expected``):
 
