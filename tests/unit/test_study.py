@@ -65,7 +65,7 @@ def test_run_study_end_to_end_gate_questions_and_resume(
     tm = conv.transfer
     # only organisms with misalignment to remove are ablated; the other columns are not measured
     measured = [j for j in range(len(tm.organisms)) if not tm.share[:, j].isnan().all()]
-    assert measured == tm.testable(conv.misalignment)
+    assert measured == tm.testable(conv.removable)
     assert (tmp_path / "run" / "study.json").exists()
     report = write_report(study, tmp_path / "run")
     assert "trigger-medical-s0" in report.read_text()
