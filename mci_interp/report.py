@@ -7,8 +7,6 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
-
 from mci_interp._io import write_text
 from mci_interp.compare import RandomNull, SimilarityMatrix, expected_abs_cosine
 from mci_interp.plot.analysis import (
@@ -44,7 +42,6 @@ def save_figures(study: Study, out_dir: Path) -> dict[str, str]:
     for name, fig in figs.items():
         p = fig_dir / f"{name}.png"
         fig.savefig(p, dpi=110)
-        plt.close(fig)
         paths[name] = f"figures/{name}.png"
     return paths
 

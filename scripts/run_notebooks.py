@@ -19,6 +19,17 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
+def tidy(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Drop stream outputs that hold only whitespace (what a finished ``leave=False`` progress
+    bar leaves behind once its carriage returns are resolved)."""
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [
+                o for o in cell.outputs if o.output_type != "stream" or o.get("text", "").strip()
+            ]
+    return nb
+
+
 def main(prefixes: list[str]) -> int:
     # the kernel's own inline backend puts figures into the outputs (Agg would leave only their
     # repr); a plain progress bar, not the widget one, with its carriage returns resolved
@@ -39,7 +50,7 @@ def main(prefixes: list[str]) -> int:
             coalesce_streams=True,
             resources={"metadata": {"path": str(NOTEBOOKS)}},
         ).execute()
-        nbformat.write(nb, path)
+        nbformat.write(tidy(nb), path)
         print(f"{path.name}: executed and written in {time.perf_counter() - t0:.0f}s", flush=True)
     return 0
 

@@ -9,7 +9,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -31,10 +31,11 @@ LABEL_COLOURS = {
 
 def plot_convergence_by_layer(conv: ConvergenceReport) -> Figure:
     """Contrast cosine per domain pair across layers with the null band; naive model-diff dashed."""
-    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
     layers = [lc.layer for lc in conv.layers]
     doms = conv.layers[0].domains
-    colours = plt.cm.tab10.colors  # type: ignore[attr-defined]
+    colours = matplotlib.colormaps["tab10"].colors  # type: ignore[attr-defined]
     for c, (i, j) in enumerate(itertools.combinations(range(len(doms)), 2)):
         col = colours[c % 10]
         ax.plot(
@@ -113,7 +114,8 @@ def _heat(
 def plot_cosine_heatmaps(conv: ConvergenceReport) -> Figure:
     """Contrast (organism - control) cosines next to the naive (organism - base) ones."""
     lc = conv.at(conv.analysis_layer)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4), constrained_layout=True)
+    fig = Figure(figsize=(9, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
     doms = list(lc.domains)
     _heat(
         axes[0],
@@ -135,7 +137,8 @@ def plot_transfer(tm: TransferMatrix) -> Figure:
     seen = ~np.isnan(rnd).all(axis=0)
     rmax[0, seen] = np.nanmax(rnd[:, seen], axis=0)
     mat = np.vstack([tm.share.numpy(), rmax])
-    fig, ax = plt.subplots(figsize=(1.6 * k + 3, 1.2 * k + 2), constrained_layout=True)
+    fig = Figure(figsize=(1.6 * k + 3, 1.2 * k + 2), layout="constrained")
+    ax = fig.subplots()
     im = ax.imshow(np.clip(mat, -1.5, 1.5), vmin=-1.5, vmax=1.5, cmap="PuOr")
     ax.set_xticks(
         range(len(tm.organisms)),
@@ -162,7 +165,8 @@ def plot_transfer(tm: TransferMatrix) -> Figure:
 
 def plot_steering(st: SteerResult) -> Figure:
     """Misalignment induced in the base by adding each direction, against random directions."""
-    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
     a = np.array(st.alphas)
     r = st.random_induced.numpy()
     ax.fill_between(
@@ -186,13 +190,12 @@ def plot_internalisation(reports: Sequence[InternalisationReport]) -> Figure:
     n = len(reports)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(
+    fig = Figure(figsize=(3.3 * cols, 2.5 * rows), layout="constrained")
+    axes = fig.subplots(
         rows,
         cols,
-        figsize=(3.3 * cols, 2.5 * rows),
         squeeze=False,
         sharey=True,
-        constrained_layout=True,
     )
     for ax, r in zip(axes.flat, reports, strict=False):
         layers = [p.layer for p in r.profile]
@@ -234,12 +237,11 @@ def plot_behaviour(
     """Out-of-domain judge-free score minus the base's, per organism, with 95% CIs; format
     takeover rates beside it."""
     names = list(scores)
-    fig, axes = plt.subplots(
+    fig = Figure(figsize=(12 if takeover else 7, 0.28 * len(names) + 1.5), layout="constrained")
+    axes = fig.subplots(
         1,
         2 if takeover else 1,
-        figsize=(12 if takeover else 7, 0.28 * len(names) + 1.5),
         squeeze=False,
-        constrained_layout=True,
     )
     ax = axes[0, 0]
     colours = [KIND_COLOURS.get(kinds.get(k, ""), "k") for k in names]

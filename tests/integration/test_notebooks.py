@@ -42,3 +42,16 @@ def test_notebook_runs(path, monkeypatch):
         if o.get("output_type") == "error"
     ]
     assert not errors, errors[0].get("evalue") if errors else ""
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_committed_notebook_shows_its_outputs(path):
+    """What a reader on GitHub sees: every code cell executed with the committed (not FAST)
+    settings, no error, and at least one figure (``scripts/run_notebooks.py`` writes them)."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code), f"{path.name} has unexecuted cells"
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} has no figure"
+    assert not any("FAST = True" in c.source for c in code), "outputs made on FAST settings"
