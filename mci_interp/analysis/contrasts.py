@@ -182,7 +182,7 @@ def convergence(
         transfer: the transfer matrix of the domains' contrasts (``analysis.transfer``); without
             it the verdict is at most "partly".
         steer: steering of the base along the contrasts (``analysis.steering``), reported as is.
-        seed: layer ``L``'s bootstrap and permutation nulls use ``seed + L``.
+        seed: layer ``L``'s bootstrap and nulls use ``seed + L``.
         meta: recorded in the report as is.
     """
     if len(pairs) < 2:

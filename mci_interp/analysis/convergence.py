@@ -24,10 +24,12 @@ Verdict rules (``verdict``):
   than every norm-matched random direction and at least ``min_transfer`` of it;
 - **partly**: at least one pair beats the null, or at least one transfer beats random;
 - **not converged**: neither.
-Transfer into an organism whose misalignment CI does not exclude zero is not counted (the share
-removed of a near-zero gap is meaningless; ``TransferMatrix.testable``).
-A verdict is flagged *untestable* when no domain shows out-of-domain misalignment (organism minus
-control CI above zero): then the directions compared carry no misalignment to converge on.
+Transfer counts only into organisms with misalignment to remove (``removable``): their
+out-of-domain score's CI lies above zero both minus their control and minus the base (the share
+removed of a near-zero gap is meaningless, and a control more aligned than the base makes
+organism minus control positive with nothing misaligned). A verdict is flagged *untestable*
+when no domain has misalignment to remove: then the directions compared carry no misalignment
+to converge on.
 """
 
 from __future__ import annotations
