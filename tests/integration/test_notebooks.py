@@ -54,4 +54,6 @@ def test_committed_notebook_shows_its_outputs(path):
     outputs = [o for c in code for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} has no figure"
-    assert not any("FAST = True" in c.source for c in code), "outputs made on FAST settings"
+    params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and "FAST = False" in params[0].source
+    assert not any(c.source.startswith("FAST = True") for c in code), "a FAST cell was committed"
