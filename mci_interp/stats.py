@@ -201,7 +201,7 @@ def hierarchical_mean_difference(
             f"and {tuple(tb.shape)}"
         )
     diff = ta - tb
-    n_seeds, n = diff.shape
+    n_seeds = diff.shape[0]
     if n_seeds == 1:
         return paired_mean_difference(ta[0], tb[0], level=level, n_boot=n_boot, seed=seed)
     keep = ~diff.isnan().all(0)

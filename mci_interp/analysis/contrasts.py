@@ -160,6 +160,7 @@ def convergence(
     layers: Sequence[int],
     analysis_layer: int,
     misalignment: Mapping[str, Estimate] | None = None,
+    above_base: Mapping[str, Estimate] | None = None,
     transfer: TransferMatrix | None = None,
     steer: SteerResult | None = None,
     seed: int = 0,
@@ -178,7 +179,9 @@ def convergence(
         layers: where to compute the statistics; must include ``analysis_layer``.
         misalignment: per domain, organism minus control (default:
             ``domain_misalignment(pairs, base)``); the verdict counts transfer only into
-            domains where it and organism minus base (computed here) are above zero.
+            domains where it and organism minus base are above zero.
+        above_base: per domain, organism minus base (default:
+            ``domain_misalignment(pairs, base, against="base")``).
         transfer: the transfer matrix of the domains' contrasts (``analysis.transfer``); without
             it the verdict is at most "partly".
         steer: steering of the base along the contrasts (``analysis.steering``), reported as is.
@@ -190,7 +193,11 @@ def convergence(
     if analysis_layer not in layers:
         raise ValueError(f"analysis_layer {analysis_layer} is not among layers {list(layers)}")
     mis = dict(misalignment) if misalignment is not None else domain_misalignment(pairs, base)
-    above = domain_misalignment(pairs, base, against="base")
+    above = (
+        dict(above_base)
+        if above_base is not None
+        else domain_misalignment(pairs, base, against="base")
+    )
     control_shift = domain_misalignment(pairs, base, against="control-base")
     lcs = [
         _layer(pairs, base, persona[layer], layer, seed + layer)

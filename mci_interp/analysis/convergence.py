@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mci_interp.compare import expected_abs_cosine, random_direction_null
+from mci_interp.compare import (
+    expected_abs_cosine,
+    random_direction_null,
+    structured_direction_null,
+)
 from mci_interp.stats import (
     Estimate,
     bootstrap,
@@ -110,14 +115,12 @@ class LayerConvergence:
     @property
     def level(self) -> float:
         """The one-sided null quantile a pair's CI must clear: 1 - alpha / pairs."""
-        return 1 - self.alpha / max(len(self.pairs), 1)
+        return _level(self.alpha, len(self.pairs))
 
     @property
     def bar(self) -> float:
         """The bar a pair's CI must clear: the larger of the two nulls' ``level`` quantiles."""
-        return max(
-            quantile(self.null_random, self.level), quantile(self.null_structured, self.level)
-        )
+        return _bar(self.null_random, self.null_structured, self.level)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,16 +146,14 @@ def _q95(x: Tensor) -> float:
     return quantile(x.abs(), 0.95)
 
 
-def structured_null(
-    rows: Float[Tensor, "m d_model"], n: int, *, generator: torch.Generator
-) -> Float[Tensor, " n"]:
-    """Signed cosines of ``n`` pairs of independent random directions drawn from the covariance
-    of ``rows`` (centred per-prompt contrast rows): two unrelated directions in the layer's own
-    anisotropic geometry, whose cosines spread wider than isotropic ones."""
-    x = rows.double()
-    w = torch.randn(n, 2, x.shape[0], generator=generator, dtype=torch.float64)
-    z = w @ x  # [n, 2, d]: each row ~ N(0, x^T x)
-    return torch.nn.functional.cosine_similarity(z[:, 0], z[:, 1], dim=-1)
+def _level(alpha: float, n_pairs: int) -> float:
+    """The one-sided null quantile a pair must clear: Bonferroni over a layer's pairs."""
+    return 1 - alpha / max(n_pairs, 1)
+
+
+def _bar(null_random: Tensor, null_structured: Tensor, level: float) -> float:
+    """The larger of the two nulls' ``level`` quantiles."""
+    return max(quantile(null_random, level), quantile(null_structured, level))
 
 
 def layer_convergence(
@@ -194,27 +195,21 @@ def layer_convergence(
         nmat[i, j] = nmat[j, i] = _cos(naive[doms[i]], naive[doms[j]])
     null_random = random_direction_null(d_model, n_null, generator=g).signed
     rows = torch.cat([x.double() - x.double().mean(0) for d in doms for x in organism_diffs[d]])
-    null_structured = structured_null(rows, n_null, generator=g)
+    null_structured = structured_direction_null(rows, n_null, generator=g)
     seed_null = [
         abs(_cos(da.double().mean(0), db.double().mean(0)))
         for a, b in itertools.combinations(doms, 2)
         for da in control_seed_diffs.get(a, [])
         for db in control_seed_diffs.get(b, [])
     ]
-    n_pairs = k * (k - 1) // 2
-    level = 1 - alpha / max(n_pairs, 1)
-    bar = max(quantile(null_random, level), quantile(null_structured, level))
+    bar = _bar(null_random, null_structured, _level(alpha, k * (k - 1) // 2))
+    # every seed answers the same prompts, so a domain's contrast on any prompt subset (or a
+    # resample's count-weighted one) is the mean of its seed-averaged per-prompt rows
+    prompt_rows = {d: torch.stack([x.double() for x in organism_diffs[d]]).mean(0) for d in doms}
 
     def contrast_cos(a: str, b: str, rows_a: Tensor, rows_b: Tensor) -> float:
         """Cosine of domain a's contrast on prompts ``rows_a`` with domain b's on ``rows_b``."""
-        return _cos(
-            contrast_vectors([x[rows_a] for x in organism_diffs[a]]),
-            contrast_vectors([x[rows_b] for x in organism_diffs[b]]),
-        )
-
-    # every seed answers the same prompts, so a resample's contrast is its count-weighted sum
-    # of the seed-averaged per-prompt rows: all resamples in one matmul
-    prompt_rows = {d: torch.stack([x.double() for x in organism_diffs[d]]).mean(0) for d in doms}
+        return _cos(prompt_rows[a][rows_a].mean(0), prompt_rows[b][rows_b].mean(0))
 
     def resampled_cos(a: str, b: str, idx: Tensor) -> Tensor:
         # the same resampled prompts on both sides: the domains answer the same prompts
@@ -239,14 +234,8 @@ def layer_convergence(
         for d in doms
     }
     seed_cos = {
-        d: float(
-            torch.tensor(
-                [
-                    _cos(x.double().mean(0), y.double().mean(0))
-                    for x, y in itertools.combinations(xs, 2)
-                ],
-                dtype=torch.float64,
-            ).mean()
+        d: statistics.fmean(
+            _cos(x.double().mean(0), y.double().mean(0)) for x, y in itertools.combinations(xs, 2)
         )
         if len(xs) > 1
         else math.nan

@@ -255,7 +255,8 @@ def _convergence(
         for d in domains
     }
     misalignment = domain_misalignment(pairs, base_rec)
-    to_remove = removable(misalignment, domain_misalignment(pairs, base_rec, against="base"))
+    above_base = domain_misalignment(pairs, base_rec, against="base")
+    to_remove = removable(misalignment, above_base)
     contrast = contrast_directions(
         pairs, base_rec, ab_layers, base=base, dataset_hash=dataset_hash(R.neutral)
     )
@@ -307,6 +308,7 @@ def _convergence(
         layers=cfg.convergence_layers(base.n_layers),
         analysis_layer=L,
         misalignment=misalignment,
+        above_base=above_base,
         transfer=tm,
         steer=st,
         seed=cfg.seed,

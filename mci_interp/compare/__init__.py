@@ -21,6 +21,7 @@ from mci_interp.compare.nulls import (
     compare_to_null,
     permutation_null,
     random_direction_null,
+    structured_direction_null,
 )
 from mci_interp.compare.resampling import (
     BootstrapCI,
@@ -51,5 +52,6 @@ __all__ = [
     "permutation_null",
     "principal_angles",
     "random_direction_null",
+    "structured_direction_null",
     "split_half_reliability",
 ]

@@ -74,6 +74,19 @@ def random_direction_null(
     )
 
 
+def structured_direction_null(
+    rows: Float[Tensor, "m d_model"], n: int, *, generator: torch.Generator
+) -> Float[Tensor, " n"]:
+    """Signed cosines of ``n`` pairs of independent random directions drawn from the covariance
+    of ``rows`` (e.g. centred per-prompt contrast rows): two unrelated directions in the rows'
+    own anisotropic geometry, whose cosines spread wider than isotropic ones (the convergence
+    analysis's structured null)."""
+    x = torch.as_tensor(rows, dtype=torch.float64)
+    w = torch.randn(n, 2, x.shape[0], generator=generator, dtype=torch.float64)
+    z = w @ x  # [n, 2, d]: each row ~ N(0, x^T x)
+    return torch.nn.functional.cosine_similarity(z[:, 0], z[:, 1], dim=-1)
+
+
 @dataclass(frozen=True, eq=False)
 class PermutationNull:
     """Diff-means under label permutations (at prompt level) compared with the true one.
