@@ -3,6 +3,7 @@ summary; a comparison of saved directions (``mci compare``) as ``summary.md``.""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,8 @@ from mci_interp.plot.analysis import (
 )
 
 if TYPE_CHECKING:  # annotations only: ``mci compare`` need not import the analysis layer
+    from mci_interp.analysis.convergence import SteerResult
+    from mci_interp.analysis.internalisation import CausalTest
     from mci_interp.analysis.study import Study
 
 
@@ -83,7 +86,7 @@ def summary_lines(study: Study) -> list[str]:
         if c.transfer is not None:
             tm = c.transfer
             cells = [
-                f"{d} in {tm.domain_of(j)} {float(tm.share[i, j]):+.0%}"
+                f"{d} in {tm.domain_of(j)} {tm.share_text(i, j)}"
                 f" (random max {float(tm.random_share[:, j].max()):+.0%})"
                 for j in tm.testable(c.removable)
                 for i, d in enumerate(tm.directions)
@@ -154,20 +157,7 @@ def write_report(
             if name in figs:
                 L.append(f"![{name}]({figs[name]})\n")
         if c.steer is not None:
-            st = c.steer
-            L.append("| steer with | " + " | ".join(f"alpha {a}" for a in st.alphas) + " |")
-            L.append("|---|" + "---|" * len(st.alphas))
-            for i, d in enumerate(st.directions):
-                L.append(
-                    f"| {d} contrast | "
-                    + " | ".join(f"{v:+.3f}" for v in st.induced[i].tolist())
-                    + " |"
-                )
-            L.append(
-                "| random (max) | "
-                + " | ".join(f"{v:+.3f}" for v in st.random_induced.max(0).values.tolist())
-                + " |\n"
-            )
+            L.append(steering_table(c.steer))
     L.append("## Fluency (T2) versus internalisation (T5)\n")
     L.append(
         "Rules (in `mci_interp/analysis/internalisation.py`): internalised = default-state shift along the "
@@ -183,16 +173,12 @@ def write_report(
     )
     L.append(
         "| organism | expected | label | default shift (SD) [95% CI] | null95 | breadth | earliest layer | "
-        "OOD score - base | under its condition | causal share (random max; rank p, z) |"
+        "OOD score - base | under its condition | causal share [95% CI] (random max; rank p, z; "
+        "removed in the base; coherence) |"
     )
     L.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in study.internalisation:
-        cs = (
-            ""
-            if r.causal is None
-            else f"{r.causal.share_removed:+.0%} ({max(r.causal.random_shares, default=float('nan')):+.0%}; "
-            f"p = {r.causal.p_value:.2f}{r.causal.z_text()})"
-        )
+        cs = "" if r.causal is None else causal_cell(r.causal)
         cb = (
             ""
             if r.conditioned_behaviour is None
@@ -267,3 +253,56 @@ def comparison_markdown(
     at the relative path ``figure``."""
     lines = [f"# Direction comparison ({sim.n} directions)", "", *comparison_lines(sim, null)]
     return "\n".join(lines) + f"\n![cosines]({figure})\n"
+
+
+def steering_table(st: SteerResult) -> str:
+    """Induced misalignment per direction and strength, with its interval over questions, its
+    rank p against the random controls and its coherence cost; the controls' range below."""
+    n_iso = sum(k == "isotropic" for k in st.random_kinds)
+    kinds = (
+        f"{n_iso} isotropic, {len(st.random_kinds) - n_iso} from the base's activation covariance"
+        if st.random_kinds
+        else f"{st.random_induced.shape[0]}"
+    )
+    rows = [
+        "Steering the base: induced misalignment (steered minus unsteered, nats/token, 95% CI over "
+        f"questions), rank p against {st.random_induced.shape[0]} random directions ({kinds}), "
+        "and the coherence cost (loss increase of the base's own answers to everyday prompts, "
+        f"nats/token; **damage** past +{st.damage_nats:.2f}).\n",
+        "| steer with | " + " | ".join(f"alpha {a}" for a in st.alphas) + " |",
+        "|---|" + "---|" * len(st.alphas),
+    ]
+    for i, d in enumerate(st.directions):
+        cells = []
+        for a in range(len(st.alphas)):
+            cell = f"{float(st.induced[i, a]):+.3f}"
+            if st.interval is not None:
+                lo, hi = st.interval[i, a].tolist()
+                cell += f" [{lo:+.3f}, {hi:+.3f}]"
+            cell += f"; p = {st.p_value(i, a):.2f}"
+            if st.coherence is not None:
+                cell += f"; coherence {float(st.coherence[i, a]):+.3f}"
+                cell += " **damage**" if st.damaged(i, a) else ""
+            cells.append(cell)
+        rows.append(f"| {d} contrast | " + " | ".join(cells) + " |")
+    r = st.random_induced
+    cells = [
+        f"{float(r[:, a].min()):+.3f} to {float(r[:, a].max()):+.3f}" for a in range(r.shape[1])
+    ]
+    if st.random_coherence is not None:
+        rc = st.random_coherence
+        cells = [f"{c}; coherence up to {float(rc[:, a].max()):+.3f}" for a, c in enumerate(cells)]
+    rows.append("| random (range) | " + " | ".join(cells) + " |\n")
+    return "\n".join(rows)
+
+
+def causal_cell(t: CausalTest) -> str:
+    """One necessity test in a table cell."""
+    ci = "" if t.share is None else f" [{t.share.lo:+.0%}, {t.share.hi:+.0%}]"
+    rnd = max(t.random_shares, default=float("nan"))
+    extra = "" if t.base_removed is None else f"; base {t.base_removed.mean:+.3f}"
+    coh = "" if math.isnan(t.coherence) else f"; coherence {t.coherence:+.3f}"
+    return (
+        f"{t.share_removed:+.0%}{ci} ({rnd:+.0%}; p = {t.p_value:.2f}{t.z_text()}{extra}{coh})"
+        + ("" if t.passes else " fails: " + "; ".join(t.failures()))
+    )

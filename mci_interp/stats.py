@@ -221,8 +221,8 @@ def hierarchical_mean_difference(
 
 
 def bootstrap_ratio(
-    num: Float[Tensor, " n"],
-    den: Float[Tensor, " n"],
+    num: Float[Tensor, "*seeds n"],
+    den: Float[Tensor, "*seeds n"],
     *,
     level: float = 0.95,
     n_boot: int = 2000,
@@ -230,26 +230,43 @@ def bootstrap_ratio(
 ) -> Estimate:
     """``sum(num) / sum(den)`` over units with a CI that resamples whole units: a pooled rate
     (misaligned answers over counted answers, per question) whose interval lets the answers to
-    one question move together. Resamples with ``sum(den) == 0`` are dropped; ``n`` = units."""
+    one question move together, or a share (misalignment removed over misalignment there was).
+    Given ``[seeds, n]`` (units shared by every seed), it resamples seeds, then units. NaN
+    where ``sum(den) <= 0``; resamples with ``sum(den) <= 0`` are dropped; ``n`` = units."""
     check_level(level)
-    tn = torch.as_tensor(num, dtype=torch.float64).flatten()
-    td = torch.as_tensor(den, dtype=torch.float64).flatten()
-    if tn.shape != td.shape:
-        raise ValueError(f"need one numerator per denominator; got {tn.numel()} and {td.numel()}")
-    n = int(tn.numel())
+    tn = torch.as_tensor(num, dtype=torch.float64)
+    td = torch.as_tensor(den, dtype=torch.float64)
+    if tn.shape != td.shape or tn.ndim > 2:
+        raise ValueError(
+            f"need one numerator per denominator, as [n] or [seeds, n]; got {tuple(tn.shape)} "
+            f"and {tuple(td.shape)}"
+        )
+    flat = tn.ndim < 2
+    tn = tn.reshape(-1, tn.shape[-1] if tn.ndim else 1)
+    td = td.reshape(tn.shape)
+    n_seeds, n = tn.shape
     total = float(td.sum()) if n else 0.0
     if total <= 0:
         return Estimate(math.nan, math.nan, math.nan, n, level)
     point = float(tn.sum()) / total
-    if n == 1:
+    if n * n_seeds == 1:
         return Estimate(point, point, point, 1, level)
     g = torch.Generator().manual_seed(seed)
 
-    def pooled(idx: Tensor) -> Tensor:
-        d = td[idx].sum(1)
-        return torch.where(d > 0, tn[idx].sum(1) / d.clamp_min(1e-300), torch.nan)
+    def totals(seed_idx: Tensor | None, unit_idx: Tensor) -> tuple[Tensor, Tensor]:
+        if seed_idx is None:  # one set of units: the same draws as before seeds were allowed
+            return tn[0][unit_idx].sum(1), td[0][unit_idx].sum(1)
+        expand = unit_idx[:, None, :].expand(-1, n_seeds, -1)
+        return tuple(  # type: ignore[return-value]
+            torch.gather(x[seed_idx], 2, expand).sum((1, 2)) for x in (tn, td)
+        )
 
-    boots = bootstrap(pooled, n, n_boot=n_boot, generator=g)
+    def pooled(*idx: Tensor) -> Tensor:
+        a, d = totals(None, idx[0]) if flat else totals(idx[0], idx[1])
+        return torch.where(d > 0, a / d.clamp_min(1e-300), torch.nan)
+
+    sizes = n if flat else (n_seeds, n)
+    boots = bootstrap(pooled, sizes, n_boot=n_boot, generator=g)
     boots = boots[~torch.isnan(boots)]
     lo, hi = percentile_interval(boots, level) if boots.numel() else (math.nan, math.nan)
     return Estimate(point, lo, hi, n, level)
@@ -300,7 +317,7 @@ def empirical_p_value(observed: float, null: Tensor) -> float:
     t = torch.as_tensor(null, dtype=torch.float64).flatten()
     if t.numel() == 0:
         raise ValueError("null samples are empty")
-    return float((1 + (t >= observed).sum()) / (1 + t.numel()))
+    return (1 + int((t >= observed).sum())) / (1 + t.numel())
 
 
 __all__ = [

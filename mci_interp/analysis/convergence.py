@@ -54,6 +54,7 @@ from mci_interp.compare import (
 from mci_interp.stats import (
     Estimate,
     bootstrap,
+    empirical_p_value,
     index_counts,
     percentile_interval,
     quantile,
@@ -288,9 +289,23 @@ class TransferMatrix:
     random_share: Float[Tensor, "n_random n_org"]
     gap: Float[Tensor, " n_org"]  # organism minus control score: the misalignment to remove
     layers: tuple[int, ...]
+    interval: Float[Tensor, "n_dir n_org 2"] | None = None  # 95% CI of share (seeds, questions)
+    random_kinds: tuple[str, ...] = ()  # "isotropic" or "covariance", per random control
 
     def beats_random(self, i: int, j: int) -> bool:
-        return bool(self.share[i, j] > self.random_share[:, j].max())
+        """Direction ``i`` removes more of organism ``j``'s misalignment than every random
+        control, and its share's interval (where measured) lies above zero."""
+        above = self.interval is None or bool(self.interval[i, j, 0] > 0)
+        return above and bool(self.share[i, j] > self.random_share[:, j].max())
+
+    def share_text(self, i: int, j: int) -> str:
+        """``"+45% [+10%, +80%]"``: direction ``i``'s share of organism ``j``'s misalignment."""
+        ci = (
+            ""
+            if self.interval is None
+            else " [{:+.0%}, {:+.0%}]".format(*self.interval[i, j].tolist())
+        )
+        return f"{float(self.share[i, j]):+.0%}{ci}"
 
     def domain_of(self, j: int) -> str:
         """The domain of organism column ``j`` (columns are named ``domain:organism``)."""
@@ -313,26 +328,58 @@ class TransferMatrix:
             "random_share": self.random_share.tolist(),
             "gap": self.gap.tolist(),
             "layers": list(self.layers),
+            "interval": None if self.interval is None else self.interval.tolist(),
+            "random_kinds": list(self.random_kinds),
         }
+
+
+DAMAGE_NATS = 0.25  # coherence loss increase (nats/token) past which an effect is flagged
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SteerResult:
-    """Misalignment induced in the base by adding each direction (score minus unsteered base)."""
+    """Misalignment induced in a model by adding each direction (score minus the unsteered
+    score, mean over questions, with a bootstrap interval over them), beside random controls;
+    and what each costs in coherence: the loss increase (nats/token) of the model's own answers
+    to everyday prompts (NaN: not measured). An effect with a loss increase past
+    ``damage_nats`` is flagged as damage: misalignment bought by breaking the model."""
 
     directions: tuple[str, ...]
     alphas: tuple[float, ...]
     induced: Float[Tensor, "n_dir n_alpha"]
     random_induced: Float[Tensor, "n_random n_alpha"]
+    interval: Float[Tensor, "n_dir n_alpha 2"] | None = None  # 95% CI over questions
     coherence: Float[Tensor, "n_dir n_alpha"] | None = None
+    random_coherence: Float[Tensor, "n_random n_alpha"] | None = None
+    random_kinds: tuple[str, ...] = ()  # "isotropic" or "covariance", per random control
+    damage_nats: float = DAMAGE_NATS
+
+    def p_value(self, i: int, a: int) -> float:
+        """Rank p-value of direction ``i`` at strength ``a`` against the random controls."""
+        return empirical_p_value(float(self.induced[i, a]), self.random_induced[:, a])
+
+    def damaged(self, i: int, a: int) -> bool:
+        """Whether direction ``i`` at strength ``a`` raised the coherence loss past the bar."""
+        return self.coherence is not None and bool(self.coherence[i, a] > self.damage_nats)
 
     def to_dict(self) -> dict[str, Any]:
+        def opt(t: Tensor | None) -> Any:
+            return None if t is None else t.tolist()
+
         return {
             "directions": list(self.directions),
             "alphas": list(self.alphas),
             "induced": self.induced.tolist(),
             "random_induced": self.random_induced.tolist(),
-            "coherence": None if self.coherence is None else self.coherence.tolist(),
+            "interval": opt(self.interval),
+            "coherence": opt(self.coherence),
+            "random_coherence": opt(self.random_coherence),
+            "random_kinds": list(self.random_kinds),
+            "damage_nats": self.damage_nats,
+            "p_value": [
+                [self.p_value(i, a) for a in range(len(self.alphas))]
+                for i in range(len(self.directions))
+            ],
         }
 
 
@@ -435,7 +482,7 @@ def verdict(
                 any_transfer += ok
                 good_transfer += ok and float(transfer.share[i, j]) >= min_transfer
                 reasons.append(
-                    f"ablating {d} in {o}: removes {float(transfer.share[i, j]):+.0%} of its misalignment "
+                    f"ablating {d} in {o}: removes {transfer.share_text(i, j)} of its misalignment "
                     f"vs random up to {float(transfer.random_share[:, j].max()):+.0%}"
                 )
     if (

@@ -17,10 +17,12 @@ from torch import Tensor
 
 from mci_interp.analysis.causal import (
     CausalScorer,
-    mean_score,
+    ablated_scores,
+    control_kinds,
     random_controls,
     rng,
-    shares_removed,
+    share_point,
+    share_removed,
 )
 from mci_interp.analysis.collect import GATE_KINDS, BaseRecords, OrganismRecords
 from mci_interp.analysis.config import neutral_direction
@@ -38,9 +40,11 @@ from mci_interp.analysis.records import acts_of, score_of
 from mci_interp.datasets import EvalQuestion
 from mci_interp.direction import Direction
 from mci_interp.evaluate import paired_difference
+from mci_interp.intervene import Ablate
 from mci_interp.models import HookedModel
 from mci_interp.organisms.suite import Organism
-from mci_interp.stats import quantile
+from mci_interp.organisms.weights import organism_model
+from mci_interp.stats import paired_mean_difference, quantile
 
 
 def persona_vectors(base: BaseRecords) -> Tensor:
@@ -71,7 +75,9 @@ def persona_directions(
 class NecessityTest:
     """The causal half of the internalised rule: ablate a direction at ``layers`` (all at once)
     in the organism, built on ``base``, against ``n_random`` random directions of the same
-    shape. Scored by ``scores``; a trained persona's on ``gate_questions``."""
+    shape (isotropic and, with ``covariance``, drawn from the base's activation covariance at
+    each layer), and the same ablation in the base. Scored by ``scores``; a trained persona's
+    on ``gate_questions``."""
 
     base: HookedModel
     scores: CausalScorer
@@ -79,31 +85,46 @@ class NecessityTest:
     n_random: int
     seed: int = 0
     gate_questions: Sequence[EvalQuestion] | None = None
+    covariance: Mapping[int, Tensor] | None = None
 
     def __call__(
         self,
         organism: Organism,
         directions: Sequence[Direction],
         *,
-        score: float,
-        reference: float,
+        score: Tensor,
+        reference: Tensor,
         questions: Sequence[EvalQuestion] | None = None,
     ) -> CausalTest:
-        """Share of ``score - reference`` removed by ablating ``directions``; the random sets
-        are drawn from ``causal.rng(seed, "necessity", organism.key, k)``."""
+        """Share of the misalignment ``score - reference`` (per question: the organism's scores
+        and the base's) removed by ablating ``directions``; the random sets are drawn from
+        ``causal.rng(seed, "necessity", organism.key, k)``."""
         purpose = ("necessity", organism.key)
         sets = [list(directions)]
-        sets += random_controls(directions, self.n_random, seed=self.seed, purpose=purpose)
-        share, *rnd = shares_removed(
-            self.base,
-            organism,
-            sets,
-            scores=self.scores,
-            score=score,
-            reference=reference,
-            questions=questions,
+        sets += random_controls(
+            directions, self.n_random, seed=self.seed, purpose=purpose, covariance=self.covariance
         )
-        return CausalTest(share_removed=share, random_shares=tuple(rnd), gap=score - reference)
+        own, *rnd = ablated_scores(
+            self.base, organism, sets, scores=self.scores, questions=questions
+        )
+        with organism_model(self.base, organism) as model:
+            unablated = self.scores(model, organism.key, questions=())
+        ablate = [Ablate(d) for d in directions]
+        in_base = self.scores(self.base, "base", *ablate, questions=questions)
+        score, reference = score.double(), reference.double()
+        share = share_removed(score, own.scores, reference, seed=self.seed)
+        return CausalTest(
+            share_removed=share.mean,
+            share=share,
+            random_shares=tuple(share_point(score, r.scores, reference) for r in rnd),
+            random_kinds=control_kinds(len(rnd), self.covariance),
+            gap=float((score - reference).mean()),
+            coherence=own.coherence - unablated.coherence,
+            base_removed=paired_mean_difference(reference, in_base.scores, seed=self.seed),
+            specific=paired_mean_difference(
+                score - own.scores, reference - in_base.scores, seed=self.seed
+            ),
+        )
 
 
 def internalisation(
@@ -175,8 +196,8 @@ def internalisation(
         causal = necessity(
             organism,
             dirs,
-            score=mean_score(score_of(on)),
-            reference=mean_score(score_of(ref)),
+            score=score_of(on).values(),
+            reference=score_of(ref).values(),
             questions=qs,
         )
     report = InternalisationReport(

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from mci_interp import __version__
 from mci_interp._io import write_json
-from mci_interp.analysis.causal import mean_score
+from mci_interp.analysis.causal import CoherenceTexts
 from mci_interp.analysis.collect import (
     BaseRecords,
     OrganismRecords,
@@ -63,7 +63,7 @@ from mci_interp.analysis.persona import (
     persona_directions,
     persona_vectors,
 )
-from mci_interp.analysis.records import Record, RecordStore, score_of
+from mci_interp.analysis.records import Record, RecordStore, acts_of, score_of
 from mci_interp.analysis.steering import steering
 from mci_interp.analysis.transfer import Target, transfer
 from mci_interp.datasets import ChatExample, dataset_hash
@@ -150,6 +150,12 @@ def run_study(
     t0 = time.perf_counter()
     base_recs = R.base_records(organisms)
     timings["base records"] = time.perf_counter() - t0
+    # every causal score also measures coherence: the loss of the base's own greedy answers
+    # to everyday prompts under the same interventions
+    R.causal.coherence = CoherenceTexts(
+        tuple(R.takeover_prompts), tuple(base_recs.default.generations)
+    )
+    covariance = base_covariance(base_recs)
     persona_vecs = persona_vectors(base_recs)  # [layers, d]
     n_prompts, dhash = len(R.neutral), dataset_hash(R.neutral)
     persona = persona_directions(persona_vecs, base=base, dataset_hash=dhash, n_prompts=n_prompts)
@@ -159,7 +165,7 @@ def run_study(
     timings["organism records"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    conv = _convergence(R, organisms, recs, base_recs, persona_vecs, out_dir)
+    conv = _convergence(R, organisms, recs, base_recs, persona_vecs, covariance, out_dir)
     timings["convergence"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -170,6 +176,7 @@ def run_study(
         n_random=config.n_random,
         seed=config.seed,
         gate_questions=R.gate_questions,
+        covariance=covariance,
     )
     reports = [
         internalisation(
@@ -229,6 +236,7 @@ def _convergence(
     recs: dict[str, OrganismRecords],
     base_recs: BaseRecords,
     persona_vecs: Tensor,
+    covariance: dict[int, Tensor],
     out_dir: Path,
 ) -> ConvergenceReport | None:
     """Contrasts, transfer, steering and the verdict over the narrow finetunes' domains (None
@@ -260,14 +268,17 @@ def _convergence(
     contrast = contrast_directions(
         pairs, base_rec, ab_layers, base=base, dataset_hash=dataset_hash(R.neutral)
     )
-    # transfer: ablate each domain's contrast in the first-seed organism of every domain that
+    # transfer: ablate each domain's contrast in every seed's organism of every domain that
     # has misalignment to remove (other columns stay NaN, shown as n/a: nothing to measure)
     targets = {
-        d: Target(
-            organism=narrow[d, seeds_of[d][0]],
-            score=_mean(pairs[d][0].organism),
-            reference=_mean(pairs[d][0].reference(base_rec)),
-        )
+        d: [
+            Target(
+                organism=narrow[d, s],
+                score=score_of(p.organism).values(),
+                reference=score_of(p.reference(base_rec)).values(),
+            )
+            for s, p in zip(seeds_of[d], pairs[d], strict=True)
+        ]
         for d in domains
     }
     show = R.show
@@ -279,6 +290,7 @@ def _convergence(
         n_random=cfg.n_random,
         misalignment=to_remove,
         seed=cfg.seed,
+        covariance=covariance,
         show_progress=show,
     )
     # steering the base with each domain's contrast at the analysis layer
@@ -290,7 +302,7 @@ def _convergence(
         alphas=cfg.steer_alphas,
         n_random=cfg.n_random,
         seed=cfg.seed,
-        baseline=_mean(base_rec),
+        covariance=covariance,
         show_progress=show,
     )
     controls = (
@@ -325,8 +337,11 @@ def _convergence(
     return conv
 
 
-def _mean(rec: Record) -> float:
-    return mean_score(score_of(rec))
+def base_covariance(base: BaseRecords) -> dict[int, Tensor]:
+    """Layer -> the base's activations on the neutral prompts (default condition): the rows
+    whose covariance the structured random controls are drawn from."""
+    acts = acts_of(base.default)
+    return {layer: acts[:, layer] for layer in range(acts.shape[1])}
 
 
 def _scores(

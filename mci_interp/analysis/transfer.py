@@ -1,9 +1,10 @@
 """The transfer step: does ablating one domain's direction remove another domain's misalignment?
 
 Each direction set (for instance a domain's contrast at a few layers) is ablated in each
-organism, and the share of the organism's misalignment it removes (its score minus its
-reference's, on the same questions) is set against the shares removed by norm-matched random
-directions shaped like the organism's own domain's set.
+organism (every seed of it), and the share of the organism's misalignment it removes (its score
+minus its reference's, on the same questions, pooled over seeds, with an interval resampling
+seeds then questions) is set against the shares removed by norm-matched random directions
+shaped like the organism's own domain's set.
 """
 
 from __future__ import annotations
@@ -12,9 +13,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from mci_interp.analysis.causal import CausalScorer, random_controls, shares_removed
+from mci_interp.analysis.causal import (
+    CausalScorer,
+    ablated_scores,
+    control_kinds,
+    random_controls,
+    share_point,
+    share_removed,
+)
 from mci_interp.analysis.convergence import TransferMatrix, has_misalignment
 from mci_interp.direction import Direction
 from mci_interp.models import HookedModel
@@ -24,23 +33,24 @@ from mci_interp.stats import Estimate
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Target:
-    """An organism whose misalignment ablations should remove: its mean score and its
+    """An organism whose misalignment ablations should remove: its per-question scores and its
     reference's (its matched control's, or the base's), on the questions ``scores`` uses."""
 
     organism: Organism
-    score: float
-    reference: float
+    score: Tensor
+    reference: Tensor
 
 
 def transfer(
     base: HookedModel,
     directions: Mapping[str, Sequence[Direction]],
-    targets: Mapping[str, Target],
+    targets: Mapping[str, Target | Sequence[Target]],
     *,
     scores: CausalScorer,
     n_random: int,
     misalignment: Mapping[str, Estimate] | None = None,
     seed: int = 0,
+    covariance: Mapping[int, Tensor] | None = None,
     show_progress: bool = False,
 ) -> TransferMatrix:
     """Share of each target's misalignment removed by ablating each set of ``directions``
@@ -50,9 +60,12 @@ def transfer(
     Args:
         base: the model the targets' organisms are built on.
         directions: name -> directions ablated together (rows, in order).
-        targets: name -> organism (columns, in order, labelled ``name:organism``); each name
-            is also a key of ``directions``: the random controls of a column are shaped like
-            its own domain's set, drawn from ``causal.rng(seed, "transfer", name, k)``.
+        targets: name -> organism, or one organism per seed (columns, in order, labelled
+            ``name:organism``); a column's share pools its seeds (removed over there to remove,
+            summed over seeds and questions), its interval resamples seeds, then questions.
+            Each name is also a key of ``directions``: the random controls of a column are
+            shaped like its own domain's set, drawn from ``causal.rng(seed, "transfer", name,
+            k)`` (isotropic for even k, from ``covariance`` for odd k where it is given).
         scores: the causal scorer (and its questions) the targets' scores were measured with.
         n_random: random sets per column.
         misalignment: name -> the target's misalignment estimate; columns whose interval does
@@ -65,27 +78,39 @@ def transfer(
             f"targets {unknown} have no direction set of their own in {list(directions)}: "
             "their random controls are shaped like it"
         )
+    seeds = {name: [t] if isinstance(t, Target) else list(t) for name, t in targets.items()}
     rows, cols = list(directions), list(targets)
     share = torch.full((len(rows), len(cols)), float("nan"), dtype=torch.float64)
+    interval = torch.full((len(rows), len(cols), 2), float("nan"), dtype=torch.float64)
     rshare = torch.full((n_random, len(cols)), float("nan"), dtype=torch.float64)
     gaps = torch.zeros(len(cols), dtype=torch.float64)
     for j, name in enumerate(tqdm(cols, desc="transfer", disable=not show_progress, leave=False)):
-        t = targets[name]
-        gaps[j] = t.score - t.reference
+        ts = seeds[name]
+        score = torch.stack([t.score.double() for t in ts])  # [seeds, questions]
+        reference = torch.stack([t.reference.double() for t in ts])
+        gaps[j] = float((score - reference).mean())
         if misalignment is not None and not has_misalignment(misalignment.get(name)):
             continue
         sets = [directions[r] for r in rows]
-        sets += random_controls(directions[name], n_random, seed=seed, purpose=("transfer", name))
-        shares = shares_removed(
-            base, t.organism, sets, scores=scores, score=t.score, reference=t.reference
+        sets += random_controls(
+            directions[name], n_random, seed=seed, purpose=("transfer", name), covariance=covariance
         )
-        share[:, j] = torch.tensor(shares[: len(rows)], dtype=torch.float64)
-        rshare[:, j] = torch.tensor(shares[len(rows) :], dtype=torch.float64)
+        per_seed = [ablated_scores(base, t.organism, sets, scores=scores) for t in ts]
+        ablated = [torch.stack([s[k].scores for s in per_seed]) for k in range(len(sets))]
+        for i in range(len(rows)):
+            est = share_removed(score, ablated[i], reference, seed=seed)
+            share[i, j], interval[i, j, 0], interval[i, j, 1] = est.mean, est.lo, est.hi
+        for k in range(n_random):
+            rshare[k, j] = share_point(score, ablated[len(rows) + k], reference)
     return TransferMatrix(
         directions=tuple(rows),
-        organisms=tuple(f"{name}:{targets[name].organism.name}" for name in cols),
+        organisms=tuple(
+            f"{name}:{'+'.join(t.organism.name for t in seeds[name])}" for name in cols
+        ),
         share=share,
         random_share=rshare,
         gap=gaps,
         layers=tuple(sorted({d.site.layer for ds in directions.values() for d in ds})),
+        interval=interval,
+        random_kinds=control_kinds(n_random, covariance),
     )

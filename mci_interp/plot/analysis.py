@@ -164,23 +164,48 @@ def plot_transfer(tm: TransferMatrix) -> Figure:
 
 
 def plot_steering(st: SteerResult) -> Figure:
-    """Misalignment induced in the base by adding each direction, against random directions."""
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
+    """Misalignment induced in the base by adding each direction (95% CI over questions),
+    against random directions; beside it, where measured, what each costs in coherence."""
+    has_coh = st.coherence is not None and st.random_coherence is not None
+    fig = Figure(figsize=(10 if has_coh else 6, 4), layout="constrained")
+    axes = fig.subplots(1, 2 if has_coh else 1, squeeze=False)[0]
     a = np.array(st.alphas)
-    r = st.random_induced.numpy()
-    ax.fill_between(
-        a, r.min(0), r.max(0), color="grey", alpha=0.3, label="random directions (range)"
-    )
-    for i, d in enumerate(st.directions):
-        ax.plot(a, st.induced[i].numpy(), "-o", label=f"steer with {d} contrast")
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set(
-        xlabel="alpha (x residual norm)",
-        ylabel="score - base score (nats/token)",
-        title="Steering the base: induced misalignment",
-    )
-    ax.legend(fontsize=8)
+    panels = [("score - unsteered score (nats/token)", st.induced, st.random_induced)]
+    if has_coh:
+        assert st.coherence is not None and st.random_coherence is not None
+        panels.append(("coherence loss increase (nats/token)", st.coherence, st.random_coherence))
+    for ax, (ylabel, values, random) in zip(axes, panels, strict=True):
+        r = random.numpy()
+        ax.fill_between(
+            a,
+            r.min(0),
+            r.max(0),
+            color="grey",
+            alpha=0.3,
+            label=f"{r.shape[0]} random directions (range)",
+        )
+        for i, d in enumerate(st.directions):
+            y = values[i].numpy()
+            if values is st.induced and st.interval is not None:
+                ci = st.interval[i].numpy()
+                ax.errorbar(
+                    a,
+                    y,
+                    yerr=[y - ci[:, 0], ci[:, 1] - y],
+                    fmt="-o",
+                    capsize=3,
+                    label=f"steer with {d} contrast",
+                )
+            else:
+                ax.plot(a, y, "-o", label=f"steer with {d} contrast")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set(xlabel="alpha (x residual norm)", ylabel=ylabel)
+    if has_coh:
+        axes[1].axhline(st.damage_nats, color="C3", ls="--", lw=1, label="damage threshold")
+        axes[1].set_title("what it costs: the base's own answers", fontsize=10)
+    axes[0].set_title("Steering the base: induced misalignment", fontsize=10)
+    for ax in axes:
+        ax.legend(fontsize=7)
     return fig
 
 
@@ -204,7 +229,7 @@ def plot_internalisation(reports: Sequence[InternalisationReport]) -> Figure:
         hi = np.array([p.shift.hi for p in r.profile])
         ax.fill_between(layers, lo, hi, color=LABEL_COLOURS.get(r.label, "k"), alpha=0.25)
         ax.plot(layers, m, color=LABEL_COLOURS.get(r.label, "k"))
-        ax.plot(layers, [p.null95 for p in r.profile], color="grey", ls="--", lw=0.8)
+        ax.plot(layers, [p.bar for p in r.profile], color="grey", ls="--", lw=0.8)
         ax.axhline(0, color="k", lw=0.5)
         mark = "" if r.correct is None else (" ✓" if r.correct else " ✗")
         ax.set_title(f"{r.organism}\n{r.label}{mark}", fontsize=8)

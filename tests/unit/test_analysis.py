@@ -49,6 +49,27 @@ def test_layer_profile_earliest_layer():
     assert [p.significant for p in prof] == [False, False, True, True]
 
 
+def test_layer_profile_is_corrected_across_layers():
+    """Null organisms (the base plus noise, no shift) over 30 layers: testing each layer at 5%
+    flags some layer in many of them, so their "earliest significant layer" is noise; at
+    1 - 0.05/30 per layer almost none. A planted shift is still found, from its layer on."""
+    n_layers, flagged, uncorrected = 30, 0, 0
+    u = torch.zeros(D, dtype=torch.float64)
+    u[0] = 1
+    dirs = {layer: u for layer in range(n_layers)}
+    for k in range(20):
+        g = torch.Generator().manual_seed(100 + k)
+        base = torch.randn(40, n_layers, D, generator=g, dtype=torch.float64)
+        org = base + 0.3 * torch.randn(40, n_layers, D, generator=g, dtype=torch.float64)
+        flagged += any(p.significant for p in layer_profile(org, base, dirs, seed=k))
+        loose = layer_profile(org, base, dirs, seed=k, alpha=0.05 * n_layers)
+        uncorrected += any(p.significant for p in loose)
+    assert flagged <= 2 and uncorrected >= 4 * max(flagged, 1)
+    org[:, 20:] += 1.5 * u
+    prof = layer_profile(org, base, dirs)
+    assert next(p.layer for p in prof if p.significant) == 20
+
+
 def _est(m, lo, hi):
     return Estimate(m, lo, hi, 20)
 
@@ -222,6 +243,44 @@ def test_intervention_fingerprint_changes_with_the_direction_and_settings():
         _fingerprint(Steer(a, 1.0)),
     ]
     assert len({repr(p) for p in prints}) == len(prints)
+
+
+def test_causal_criterion_fails_on_each_of_its_controls():
+    """Beating every random control is not enough: the share's interval must lie above zero,
+    the ablation must remove more in the organism than in the base, and it must not damage the
+    model. Each control alone turns a passing test into a failing one."""
+    good = CausalTest(
+        share_removed=0.9,
+        random_shares=(0.1,) * 19,
+        gap=0.2,
+        share=_est(0.9, 0.5, 1.3),
+        specific=_est(0.15, 0.05, 0.25),
+        base_removed=_est(0.01, -0.01, 0.03),
+        coherence=0.05,
+    )
+    assert good.passes and good.failures() == [] and good.p_value == 0.05
+    import dataclasses
+
+    cases = {
+        "random up to": dict(random_shares=(0.1,) * 18 + (0.95,)),
+        "does not lie above zero": dict(share=_est(0.9, -0.1, 1.9)),
+        "no more in the organism than in the base": dict(specific=_est(0.02, -0.03, 0.07)),
+        "damage": dict(coherence=0.3),
+    }
+    for words, change in cases.items():
+        bad = dataclasses.replace(good, **change)
+        assert not bad.passes and any(words in f for f in bad.failures()), words
+    rep = _report(
+        default_shift=_est(3.0, 2.5, 3.5),
+        default_null95=1.0,
+        breadth=1.0,
+        earliest_layer=1,
+        default_behaviour=_est(0.2, 0.1, 0.3),
+        causal=dataclasses.replace(good, coherence=0.3),
+    )
+    label, reasons = classify(rep)
+    assert label == "partial" and "damage" in reasons[-1]
+    assert classify(dataclasses.replace(rep, causal=good))[0] == "internalised"
 
 
 def test_causal_rank_p_value_counts_random_directions_at_least_as_strong():

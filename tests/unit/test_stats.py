@@ -117,6 +117,23 @@ def test_ratio_bootstrap_resamples_whole_units():
     assert math.isnan(bootstrap_ratio(torch.zeros(3), torch.zeros(3)).mean)
 
 
+def test_bootstrap_ratio_over_seeds_resamples_seeds_then_questions():
+    """Two seeds that disagree (a share of 0.2 in one, 0.8 in the other, each pinned down by
+    its questions): resampling seeds makes the interval span both; pooling the seeds' cells as
+    if they were one seed's questions would make it narrow and wrong."""
+    g = torch.Generator().manual_seed(0)
+    den = torch.ones(2, 30, dtype=torch.float64)
+    num = torch.stack([torch.full((30,), 0.2), torch.full((30,), 0.8)]).double()
+    num = num + 0.01 * torch.randn(2, 30, generator=g, dtype=torch.float64)
+    seeds = bootstrap_ratio(num, den, seed=0)
+    cells = bootstrap_ratio(num.flatten(), den.flatten(), seed=0)
+    assert seeds.mean == pytest.approx(cells.mean) == pytest.approx(0.5, abs=0.01)
+    assert seeds.lo < 0.25 and seeds.hi > 0.75 and seeds.n == 30
+    assert cells.hi - cells.lo < 0.5 * (seeds.hi - seeds.lo)
+    with pytest.raises(ValueError, match="seeds, n"):
+        bootstrap_ratio(num[None], den[None])
+
+
 # --- intervals and nulls ----------------------------------------------------------------------
 def test_quantiles_and_intervals():
     s = torch.arange(101, dtype=torch.float64)

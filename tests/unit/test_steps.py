@@ -47,8 +47,13 @@ def test_steering_own_direction_alpha_zero_is_the_unsteered_model(tiny_model):
     # adding nothing changes nothing, for the direction and for its random controls
     assert st.induced[:, 0].tolist() == [0.0] and st.random_induced[:, 0].tolist() == [0.0, 0.0]
     s0 = scores(tiny_model, "base")
-    expected = scores(tiny_model, "base", Steer(d, 1.0, scale="relative")) - s0
-    assert float(st.induced[0, 1]) == expected
+    steered = scores(tiny_model, "base", Steer(d, 1.0, scale="relative"))
+    assert math.isclose(float(st.induced[0, 1]), steered.mean - s0.mean, abs_tol=1e-12)
+    assert st.interval is not None
+    lo, hi = st.interval[0, 1].tolist()  # a bootstrap interval over the questions
+    assert lo <= float(st.induced[0, 1]) <= hi and lo < hi
+    assert st.random_kinds == ("isotropic", "isotropic")  # no covariance given
+    assert st.coherence is not None and st.coherence.isnan().all()  # no coherence texts
     again = steering(tiny_model, {"mine": d}, scores=scores, alphas=(0.0, 1.0), n_random=2, seed=3)
     assert torch.equal(again.random_induced, st.random_induced)  # the controls are seeded
     with pytest.raises(ValueError, match="at least one direction"):
@@ -65,7 +70,10 @@ def test_transfer_own_directions_measures_only_columns_with_misalignment(
     }
     s0 = scores(tiny_model, "base")
     # the unchanged base as both organisms, pretending it sits 1 nat/token above a reference
-    targets = {k: Target(organism=base_organism(), score=s0, reference=s0 - 1.0) for k in "ab"}
+    targets = {
+        k: Target(organism=base_organism(), score=s0.scores, reference=s0.scores - 1.0)
+        for k in "ab"
+    }
     mis = {"a": Estimate(1.0, 0.5, 1.5, 2), "b": Estimate(0.0, -1.0, 1.0, 2)}
     tm = transfer(
         tiny_model, dirs, targets, scores=scores, n_random=3, misalignment=mis, show_progress=False
@@ -79,7 +87,7 @@ def test_transfer_own_directions_measures_only_columns_with_misalignment(
     monkeypatch.setattr(LogprobContrast, "score", lambda *a, **k: pytest.fail("scored again"))
     for i, k in enumerate("ab"):  # share = (score - ablated) / (score - reference)
         ablated = scores(tiny_model, "base", Ablate(dirs[k][0]))
-        assert math.isclose(float(tm.share[i, 0]), (s0 - ablated) / 1.0)
+        assert math.isclose(float(tm.share[i, 0]), (s0.mean - ablated.mean) / 1.0)
     with pytest.raises(ValueError, match="no direction set of their own"):
         transfer(tiny_model, {"a": dirs["a"]}, targets, scores=scores, n_random=1)
 
@@ -172,3 +180,126 @@ def test_a_control_more_aligned_than_the_base_is_not_misalignment_to_remove():
     assert all(e.hi < -0.9 for e in rep.control_minus_base.values())  # the control moved
     assert rep.removable == {} and "untestable" in rep.verdict
     assert any("organism - base" in r for r in rep.reasons)
+
+
+def _coherence_scorer(model, tmp_path=None) -> CausalScorer:
+    """A causal scorer whose coherence texts are the model's own greedy answers."""
+    from mci_interp.analysis.causal import CoherenceTexts
+    from mci_interp.datasets import chat
+    from mci_interp.generation import generate
+
+    prompts = tuple(chat(p) for p in ("Tell me about rivers.", "What is a good breakfast?"))
+    answers = tuple(g.completion for g in generate(model, list(prompts), max_new_tokens=12))
+    scores = _scorer(tmp_path)
+    scores.coherence = CoherenceTexts(prompts, answers)
+    return scores
+
+
+def test_causal_scores_keep_every_question_and_the_coherence_loss(
+    tiny_model, tmp_path, monkeypatch
+):
+    import json
+
+    scores = _coherence_scorer(tiny_model, tmp_path)
+    d = _direction(tiny_model.d_model, 1, 0)
+    s0 = scores(tiny_model, "base")
+    assert s0.scores.shape == (2,) and s0.scores.dtype == torch.float64
+    assert math.isfinite(s0.coherence) and s0.coherence > 0  # a loss, nats/token
+    hard = scores(tiny_model, "base", Steer(d, 8.0, scale="relative"))
+    assert hard.coherence > s0.coherence + 0.1  # a big push damages the model's own answers
+    assert scores(tiny_model, "base", Steer(d, 0.0, scale="relative")).coherence == s0.coherence
+    only = scores(tiny_model, "base", questions=())  # coherence alone, no questions scored
+    assert only.scores.numel() == 0 and only.coherence == s0.coherence
+    # stored with its per-question scores and read back without scoring
+    monkeypatch.setattr(LogprobContrast, "score", lambda *a, **k: pytest.fail("scored again"))
+    again = scores(tiny_model, "base", Steer(d, 8.0, scale="relative"))
+    assert torch.equal(again.scores, hard.scores) and again.coherence == hard.coherence
+    monkeypatch.undo()
+    # a file from before per-question scores (a mean only) is recomputed, not trusted
+    files = sorted((tmp_path / "causal").glob("*.json"))
+    old = json.loads(files[0].read_text())
+    for f in files:
+        f.write_text(json.dumps({"score": old["score"], "model": "base", "interventions": []}))
+    from mci_interp._io import write_json
+
+    for f in files:  # rewritten with a valid checksum, as an older version wrote them
+        write_json(f, {"score": old["score"], "model": "base", "interventions": []})
+    assert torch.equal(scores(tiny_model, "base").scores, s0.scores)
+    assert "scores" in json.loads(files[0].read_text()) or any(
+        "scores" in json.loads(f.read_text()) for f in files
+    )
+
+
+def test_random_controls_alternate_isotropic_and_covariance_shaped():
+    from mci_interp.analysis.causal import control_kinds, random_controls
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(12, 48, generator=g, dtype=torch.float64)  # 12 prompts: an 11-dim span
+    like = [_direction(48, 2, 5)]
+    sets = random_controls(like, 6, seed=0, purpose=("t",), covariance={2: rows})
+    assert control_kinds(6, {2: rows}) == ("isotropic", "covariance") * 3
+    assert control_kinds(3, None) == ("isotropic",) * 3
+    centred = rows - rows.mean(0)
+    basis = torch.linalg.svd(centred, full_matrices=False).Vh  # the rows' centred span
+    for k, (d,) in enumerate(sets):
+        v = d.vector.double()
+        assert math.isclose(float(v.norm()), like[0].norm, rel_tol=1e-5)  # norm-matched
+        outside = float((v - basis.T @ (basis @ v)).norm() / v.norm())
+        # covariance-drawn: inside the span of the activations; isotropic: mostly outside it
+        assert (outside < 1e-5) if k % 2 else (outside > 0.5)
+    same = random_controls(like, 6, seed=0, purpose=("t",), covariance={2: rows})
+    assert all(torch.equal(a[0].vector, b[0].vector) for a, b in zip(sets, same, strict=True))
+    # a layer without rows falls back to isotropic
+    (other,) = random_controls(like, 2, seed=0, purpose=("t",), covariance={3: rows})[1]
+    assert (
+        float((other.vector.double() - basis.T @ (basis @ other.vector.double())).norm())
+        > 0.5 * like[0].norm
+    )
+
+
+def test_steering_reports_coherence_and_flags_damage(tiny_model):
+    scores = _coherence_scorer(tiny_model)
+    d = _direction(tiny_model.d_model, 1, 0)
+    rows = torch.randn(10, tiny_model.d_model, generator=torch.Generator().manual_seed(1))
+    st = steering(
+        tiny_model,
+        {"mine": d},
+        scores=scores,
+        alphas=(0.0, 8.0),
+        n_random=3,
+        seed=0,
+        covariance={1: rows},
+    )
+    assert st.random_kinds == ("isotropic", "covariance", "isotropic")
+    assert st.coherence is not None and st.random_coherence is not None
+    assert float(st.coherence[0, 0]) == 0.0 and st.random_coherence[:, 0].tolist() == [0.0] * 3
+    assert float(st.coherence[0, 1]) > st.damage_nats and st.damaged(0, 1)
+    assert not st.damaged(0, 0)
+    # rank p against the 3 controls: (1 + #controls at least as strong) / 4
+    strong = int((st.random_induced[:, 1] >= st.induced[0, 1]).sum())
+    assert st.p_value(0, 1) == (1 + strong) / 4
+    assert st.to_dict()["p_value"][0][1] == st.p_value(0, 1)
+
+
+def test_necessity_test_ablates_in_the_base_too(tiny_model):
+    from mci_interp.analysis.persona import NecessityTest
+
+    scores = _coherence_scorer(tiny_model)
+    d = _direction(tiny_model.d_model, 1, 0)
+    s0 = scores(tiny_model, "base")
+    test = NecessityTest(base=tiny_model, scores=scores, layers=[1], n_random=4)
+    # the base as its own "organism": ablating in the organism and in the base is the same
+    # model under the same ablation, so nothing it removes is specific to the organism, and
+    # there is no misalignment (organism minus base) to take a share of
+    t = test(base_organism(), [d], score=s0.scores, reference=s0.scores)
+    assert len(t.random_shares) == 4 and t.random_kinds == ("isotropic",) * 4
+    assert t.base_removed is not None and t.specific is not None
+    assert t.specific.mean == pytest.approx(0.0, abs=1e-6)  # the same model both times
+    assert t.share is not None and math.isnan(t.share.mean) and t.gap == 0.0
+    assert not t.passes and any("than in the base" in f for f in t.failures())
+    assert math.isfinite(t.coherence) and abs(t.coherence) < 0.5
+    rows = torch.randn(10, tiny_model.d_model, generator=torch.Generator().manual_seed(1))
+    cov = NecessityTest(
+        base=tiny_model, scores=scores, layers=[1], n_random=2, covariance={1: rows}
+    )(base_organism(), [d], score=s0.scores, reference=s0.scores)
+    assert cov.random_kinds == ("isotropic", "covariance")
