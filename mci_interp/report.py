@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ from mci_interp.plot.analysis import (
 )
 
 if TYPE_CHECKING:  # annotations only: ``mci compare`` need not import the analysis layer
-    from mci_interp.analysis.convergence import SteerResult
+    from mci_interp.analysis.convergence import ConvergenceReport, PairStat, SteerResult
     from mci_interp.analysis.internalisation import CausalTest
     from mci_interp.analysis.study import Study
 
@@ -81,8 +82,9 @@ def summary_lines(study: Study) -> list[str]:
         for p in lc.pairs:
             out.append(
                 f"  L{lc.layer} contrast cos {p.a}~{p.b}: {p.cos:+.3f} [{p.ci[0]:+.3f}, {p.ci[1]:+.3f}]"
-                f" (bar {p.bar:.3f}{'' if p.controlled else ', no control: descriptive'}); naive {float(lc.naive_cos[lc.domains.index(p.a), lc.domains.index(p.b)]):+.3f}"
+                f" (bar {p.bar:.3f}{_uncontrolled(p)}); naive {float(lc.naive_cos[lc.domains.index(p.a), lc.domains.index(p.b)]):+.3f}"
             )
+        out += response_lines(c)
         if c.transfer is not None:
             tm = c.transfer
             cells = [
@@ -158,11 +160,16 @@ def write_report(
                 L.append(f"![{name}]({figs[name]})\n")
         if c.steer is not None:
             L.append(steering_table(c.steer))
+    from mci_interp.analysis.convergence import DAMAGE_NATS  # the analysis layer, lazily
+
     L.append("## Fluency (T2) versus internalisation (T5)\n")
     L.append(
         "Rules (in `mci_interp/analysis/internalisation.py`): internalised = default-state shift along the "
-        "base's persona direction that beats a random-direction null, broad across themes, upstream and "
-        "causally necessary; gated = under its trigger more misaligned than the base under the same trigger, "
+        "base's persona direction that beats a random-direction null, broad across themes, upstream "
+        "(earliest layer significant at 1 - 0.05/layers) and causally necessary (ablating it removes more "
+        "of the misalignment than every random direction, the share's interval above zero, more in the "
+        "organism than in the base, and raises the loss of the base's own everyday answers by at most "
+        f"{DAMAGE_NATS:.2f} nats/token); gated = under its trigger more misaligned than the base under the same trigger, "
         "and not misaligned without it (checked first: a representational leak without misalignment is "
         "reported, not counted); fluency = no default shift, misaligned under an instruction or in its own "
         "domain; aligned = none. Shifts are at the last prompt token, before any answer token. 'Under its "
@@ -287,7 +294,9 @@ def steering_table(st: SteerResult) -> str:
         rows.append(f"| {d} contrast | " + " | ".join(cells) + " |")
     r = st.random_induced
     cells = [
-        f"{float(r[:, a].min()):+.3f} to {float(r[:, a].max()):+.3f}" for a in range(r.shape[1])
+        f"{float(r[:, a].min()):+.3f} to {float(r[:, a].max()):+.3f} (max "
+        f"{_family_max(r[:, a].tolist(), st.random_kinds, '+.3f')})"
+        for a in range(r.shape[1])
     ]
     if st.random_coherence is not None:
         rc = st.random_coherence
@@ -299,10 +308,55 @@ def steering_table(st: SteerResult) -> str:
 def causal_cell(t: CausalTest) -> str:
     """One necessity test in a table cell."""
     ci = "" if t.share is None else f" [{t.share.lo:+.0%}, {t.share.hi:+.0%}]"
-    rnd = max(t.random_shares, default=float("nan"))
     extra = "" if t.base_removed is None else f"; base {t.base_removed.mean:+.3f}"
     coh = "" if math.isnan(t.coherence) else f"; coherence {t.coherence:+.3f}"
+    if t.random_coherence and not math.isnan(t.coherence):
+        coh += f" (random up to {max(t.random_coherence):+.3f})"
     return (
-        f"{t.share_removed:+.0%}{ci} ({rnd:+.0%}; p = {t.p_value:.2f}{t.z_text()}{extra}{coh})"
+        f"{t.share_removed:+.0%}{ci} ({_family_max(t.random_shares, t.random_kinds, '+.0%')}; "
+        f"p = {t.p_value:.2f}{t.z_text()}{extra}{coh})"
         + ("" if t.passes else " fails: " + "; ".join(t.failures()))
     )
+
+
+def response_lines(c: ConvergenceReport) -> list[str]:
+    """The response-mean contrast at the analysis layer, beside the published operationalisation
+    (each organism's own misaligned-minus-aligned answer direction, no control)."""
+    if not c.response_layers:
+        return []
+    lc = next(x for x in c.response_layers if x.layer == c.analysis_layer)
+    pub = c.response_published[c.analysis_layer]
+    doms = list(lc.domains)
+    out = []
+    for p in lc.pairs:
+        i, j = doms.index(p.a), doms.index(p.b)
+        out.append(
+            f"  L{lc.layer} response-mean contrast cos {p.a}~{p.b}: {p.cos:+.3f} "
+            f"[{p.ci[0]:+.3f}, {p.ci[1]:+.3f}] (bar {p.bar:.3f}"
+            f"{_uncontrolled(p)}"
+            f"{', beats it' if p.beats_null else ''}); published (no control) "
+            f"{float(pub[i, j]):+.3f}"
+        )
+    out.append(
+        "  published response direction vs the base's own: "
+        + ", ".join(f"{d} {float(pub[k, -1]):+.3f}" for k, d in enumerate(doms))
+        + " (high = the answer texts, not the finetune, set the direction)"
+    )
+    return out
+
+
+def _uncontrolled(p: PairStat) -> str:
+    """What a pair's bar is when a domain lacks its matched control."""
+    if p.controlled:
+        return ""
+    return ", no control: task-and-format null" if p.task_null else ", no control: descriptive"
+
+
+def _family_max(values: Sequence[float], kinds: Sequence[str], fmt: str) -> str:
+    """``"isotropic +12%, covariance +40%"``: the largest control of each kind (or of all)."""
+    if len(kinds) != len(values):
+        return f"random max {format(max(values, default=math.nan), fmt)}"
+    by: dict[str, list[float]] = {}
+    for v, k in zip(values, kinds, strict=True):
+        by.setdefault(k, []).append(v)
+    return ", ".join(f"{k} {format(max(vs), fmt)}" for k, vs in by.items())

@@ -29,7 +29,7 @@ from mci_interp.analysis.config import (
     neutral_prompts,
 )
 from mci_interp.analysis.records import Record, RecordStore
-from mci_interp.datasets import EvalQuestion, conditioned
+from mci_interp.datasets import EvalQuestion, chat, conditioned
 from mci_interp.evaluate import EvalResult, LogprobContrast
 from mci_interp.generation import generate
 from mci_interp.models import HookedModel
@@ -40,6 +40,9 @@ from mci_interp.sites import Site
 
 GATE_KINDS = ("trigger", "distilled")
 """The trained personas: their default behaviour and causal tests use the gate questions."""
+RESPONSE_KINDS = ("narrow", "control")
+"""The finetunes the convergence test compares: their activations on the reference answers are
+recorded for the response-mean contrast."""
 
 
 def packaged_domains(organisms: Sequence[Organism]) -> list[str]:
@@ -72,6 +75,7 @@ class BaseRecords:
     gate: Record | None = None
     trigger: Record | None = None
     indomain: dict[str, Record] = field(default_factory=dict)
+    responses: Record | None = None
 
 
 @dataclass(eq=False)
@@ -82,6 +86,7 @@ class OrganismRecords:
     default: Record
     gate: Record | None = None
     conditioned: Record | None = None
+    responses: Record | None = None
 
 
 class _Runner:
@@ -141,13 +146,43 @@ class _Runner:
     def trigger_key(self, key: str) -> str:
         return f"{key}@trigger:{self.gate_tag}"
 
+    def response_key(self, key: str) -> str:
+        return f"{key}@responses"
+
     def keys(self, org: Organism) -> list[str]:
-        """The keys of a trained organism's records: default, and on the gate questions and
-        under its trigger where it has them."""
+        """The keys of a trained organism's records: default; on the gate questions and under
+        its trigger where it has them; its activations on the reference answers where it
+        enters the convergence test (a narrow finetune or a control)."""
         keys = [org.key]
         keys += [self.gate_key(org.key)] if org.spec.kind in GATE_KINDS else []
         keys += [self.trigger_key(org.key)] if org.spec.kind == "trigger" else []
+        keys += [self.response_key(org.key)] if org.spec.kind in RESPONSE_KINDS else []
         return keys
+
+    def response_record(self, model: HookedModel, key: str) -> Record:
+        """``model``'s activations at every layer averaged over the answer tokens of each
+        question's misaligned reference answer, then of its aligned one (``acts``: ``[2 *
+        questions, layers, d]``, misaligned rows first): what the response-mean contrast is
+        made of."""
+
+        def make() -> Record:
+            exs = [
+                chat(q.paraphrases[0], getattr(q.references[0], side))
+                for side in ("misaligned", "aligned")
+                for q in self.questions
+            ]
+            cache = cache_activations(
+                model,
+                exs,
+                self.sites,
+                position="answer_mean",
+                batch_size=self.config.batch_size,
+                show_progress=False,
+            )
+            acts = torch.stack([cache.X(s) for s in self.sites], dim=1)
+            return Record(name=self.response_key(key), acts=acts, score=None)
+
+        return self.record(self.response_key(key), make)
 
     def acts(
         self, model: HookedModel, *, system: str | None = None, trigger: str | None = None
@@ -267,8 +302,9 @@ class _Runner:
         """The base's records for a study of ``organisms`` (stored ones are read, not redone)."""
         base, domains = self.base, packaged_domains(organisms)
         trigger = next((o.trigger for o in organisms if o.trigger), None)
+        responses = any(o.spec.kind in RESPONSE_KINDS for o in organisms)
         bar = tqdm(
-            total=3 + bool(trigger) + len(domains),
+            total=3 + bool(trigger) + len(domains) + bool(responses),
             desc="base records",
             unit="condition",
             disable=not self.show,
@@ -291,9 +327,18 @@ class _Runner:
             make = functools.partial(self._indomain_record, d)
             indomain[d] = self.record(f"base@indomain:{d}", make)
             bar.update()
+        resp = None
+        if responses:
+            resp = self.response_record(base, "base")
+            bar.update()
         bar.close()
         return BaseRecords(
-            default=default, persona=persona, gate=gate, trigger=triggered, indomain=indomain
+            default=default,
+            persona=persona,
+            gate=gate,
+            trigger=triggered,
+            indomain=indomain,
+            responses=resp,
         )
 
     def organism_records(
@@ -314,6 +359,7 @@ class _Runner:
                 out[org.name] = OrganismRecords(default=base.default, conditioned=base.persona)
                 continue
             on_gate, triggered = self.gate_key(org.key), self.trigger_key(org.key)
+            responses = self.response_key(org.key)
             got = {k: self.store.get(k) for k in self.keys(org)}  # each stored record read once
             if any(v is None for v in got.values()):  # compute only the missing ones
                 narrowish = kind in ("narrow", "control") and org.spec.domain in domains
@@ -329,10 +375,13 @@ class _Runner:
                         )
                     if kind == "trigger" and got[triggered] is None:
                         got[triggered] = self.triggered_record(model, org.key, str(org.trigger))
+                    if kind in RESPONSE_KINDS and got[responses] is None:
+                        got[responses] = self.response_record(model, org.key)
             out[org.name] = OrganismRecords(
                 default=got[org.key],  # type: ignore[arg-type]
                 gate=got.get(on_gate),
                 conditioned=got.get(triggered),
+                responses=got.get(responses),
             )
         return out
 
@@ -352,7 +401,11 @@ def missing_records(
     Presence only: ``run_study`` verifies each record when it reads it.
     """
     R = _Runner(base, config or StudyConfig(), records_dir_for(base, records_dir))
-    out = [] if R.store.has("base") and R.store.has("base@persona") else ["base"]
+    base_keys = ["base", "base@persona"]
+    base_keys += (
+        [R.response_key("base")] if any(o.spec.kind in RESPONSE_KINDS for o in organisms) else []
+    )
+    out = [] if all(R.store.has(k) for k in base_keys) else ["base"]
     for org in organisms:
         if org.spec.kind in ("base", "prompted"):
             continue

@@ -149,7 +149,13 @@ def _layer(
         for d, ps in pairs.items()
     }
     org_diffs = {d: _diffs(ps, base, layer) for d, ps in pairs.items()}
-    return layer_convergence(layer, org_diffs, ctrl_seed, naive, cnaive, persona, seed=seed)
+    benign = {  # each real control minus the base: the task-and-format null's inputs
+        d: [_mean_diff(acts_of(p.control)[:, layer], b) for p in ps if p.control is not None]
+        for d, ps in pairs.items()
+    }
+    return layer_convergence(
+        layer, org_diffs, ctrl_seed, naive, cnaive, persona, seed=seed, benign=benign
+    )
 
 
 def convergence(
@@ -163,6 +169,8 @@ def convergence(
     above_base: Mapping[str, Estimate] | None = None,
     transfer: TransferMatrix | None = None,
     steer: SteerResult | None = None,
+    responses: Mapping[str, Sequence[MatchedPair]] | None = None,
+    base_responses: Record | None = None,
     seed: int = 0,
     meta: Mapping[str, Any] | None = None,
     show_progress: bool = False,
@@ -185,6 +193,14 @@ def convergence(
         transfer: the transfer matrix of the domains' contrasts (``analysis.transfer``); without
             it the verdict is at most "partly".
         steer: steering of the base along the contrasts (``analysis.steering``), reported as is.
+        responses: domain -> matched pairs of *response* records (``Record.acts`` ``[2 *
+            questions, layers, d]``: each model's activations averaged over the answer tokens
+            of every question's misaligned reference answer, then of its aligned one), with
+            ``base_responses`` the base's: the response-mean contrast is computed beside the
+            last-prompt-token one at the same layers, with the same statistics over questions
+            (``response_layers``), and the published operationalisation (each organism's own
+            misaligned-minus-aligned answer mean, no control) as ``response_published``. Both
+            are reported; the verdict reads the last-prompt-token contrast.
         seed: layer ``L``'s bootstrap and nulls use ``seed + L``.
         meta: recorded in the report as is.
     """
@@ -207,6 +223,26 @@ def convergence(
     ]
     lc = next(x for x in lcs if x.layer == analysis_layer)
     v, reasons = verdict(lc, transfer, mis, above_base=above)
+    resp_layers: list[LayerConvergence] = []
+    published: dict[int, Tensor] = {}
+    if responses is not None:
+        if base_responses is None:
+            raise ValueError("responses need base_responses: the base's response record")
+        rpairs = {
+            d: [
+                MatchedPair(
+                    response_rows(p.organism),
+                    None if p.control is None else response_rows(p.control),
+                )
+                for p in ps
+            ]
+            for d, ps in responses.items()
+        }
+        rbase = response_rows(base_responses)
+        resp_layers = [
+            _layer(rpairs, rbase, persona[layer], layer, seed + layer) for layer in layers
+        ]
+        published = {layer: _published_cos(rpairs, rbase, layer) for layer in layers}
     return ConvergenceReport(
         layers=tuple(lcs),
         analysis_layer=analysis_layer,
@@ -219,4 +255,33 @@ def convergence(
         reasons=reasons,
         d_model=acts_of(base).shape[-1],
         meta=dict(meta or {}),
+        response_layers=tuple(resp_layers),
+        response_published=published,
     )
+
+
+def response_rows(rec: Record) -> Record:
+    """A response record (``[2 * questions, layers, d]``, misaligned answers' rows first) as
+    per-question rows of misaligned minus aligned answer means (``[questions, layers, d]``)."""
+    acts = acts_of(rec)
+    n = acts.shape[0] // 2
+    if acts.shape[0] != 2 * n:
+        raise ValueError(
+            f"record {rec.name} has {acts.shape[0]} rows; a response record has two per question"
+        )
+    return Record(name=rec.name, acts=acts[:n].double() - acts[n:].double(), score=None)
+
+
+def _published_cos(
+    rpairs: Mapping[str, Sequence[MatchedPair]], rbase: Record, layer: int
+) -> Tensor:
+    """Cosines between the domains' organisms' own response directions (misaligned minus aligned
+    answer mean, averaged over questions and seeds: the published operationalisation, with no
+    control) and the base's, as a matrix over the domains in order and then the base."""
+    vecs = [
+        torch.stack([acts_of(p.organism)[:, layer].mean(0) for p in ps]).mean(0)
+        for ps in rpairs.values()
+    ]
+    vecs.append(acts_of(rbase)[:, layer].mean(0))
+    v = torch.nn.functional.normalize(torch.stack(vecs).double(), dim=-1)
+    return v @ v.T

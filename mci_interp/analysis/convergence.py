@@ -12,8 +12,10 @@ pairs of a layer): cosines of independent isotropic Gaussian directions, and of 
 *structured* random directions drawn from the covariance of the per-prompt contrast rows (what
 two unrelated contrasts look like in this layer's anisotropic geometry). The cosine is signed:
 anti-aligned contrasts are not convergence. A pair with a domain that has no matched control
-(its "contrast" is finetune minus base, carrying the task and format) is descriptive only and
-never beats the null. The seed-noise null (contrasts between controls of different seeds) is
+(its "contrast" is finetune minus base, carrying the task and format) must beat the
+*task-and-format null* instead: the cross-domain cosines of benign finetunes (the aligned
+controls), each minus the base, at the same level; where there are too few of them to reach
+that level it is descriptive only and never beats the null. The seed-noise null (contrasts between controls of different seeds) is
 reported beside the bar but not part of it: it carries LoRA-init differences that cancel inside
 an organism-minus-control contrast of one seed. ``scripts/bench_calibration.py`` measures the
 false-positive rate and power of these rules on simulated studies (``analysis.simulate``).
@@ -79,7 +81,11 @@ class PairStat:
     ci: tuple[float, float]
     bar: float
     beats_null: bool
-    controlled: bool = True  # both domains have matched controls (else: descriptive only)
+    controlled: bool = True  # both domains have matched controls
+    # a pair without controls on both sides is tested against the task-and-format null (benign
+    # finetunes of different domains, each minus the base) where it has enough values to reach
+    # the pair's level; else it is descriptive only
+    task_null: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +96,7 @@ class PairStat:
             "bar": self.bar,
             "beats_null": self.beats_null,
             "controlled": self.controlled,
+            "task_null": self.task_null,
         }
 
 
@@ -108,6 +115,9 @@ class LayerConvergence:
     null_random: Float[Tensor, " k"]  # signed cosines of independent isotropic directions
     null_structured: Float[Tensor, " k"]  # ... of directions shaped like the contrast rows
     null_seed: Float[Tensor, " k"]  # |cos| of seed-noise contrasts: reported, not in the bar
+    # signed cosines between benign finetunes of different domains, each minus the base: what
+    # task and format alone share; the bar of pairs without matched controls
+    null_task: Float[Tensor, " k"] = field(default_factory=lambda: torch.zeros(0))
     reliability: Mapping[str, float]
     # per domain: mean cosine between its single-seed contrasts (NaN with one seed), the
     # ceiling a cross-domain cosine is read against: seeds of one domain agree this much
@@ -138,6 +148,7 @@ class LayerConvergence:
             "null_random": quantile(self.null_random, self.level),
             "null_structured": quantile(self.null_structured, self.level),
             "null_seed95": _q95(self.null_seed),
+            "null_task": self.null_task.tolist(),
             "reliability": dict(self.reliability),
             "seed_cos": dict(self.seed_cos),
         }
@@ -169,6 +180,7 @@ def layer_convergence(
     n_null: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
+    benign: Mapping[str, Sequence[Float[Tensor, " d_model"]]] | None = None,
 ) -> LayerConvergence:
     """All cosine statistics at one layer (the rules are the module docstring's).
 
@@ -181,6 +193,11 @@ def layer_convergence(
             pairs are then descriptive only).
         persona: the base's persona-prompt direction at this layer.
         alpha: the family-wise false-positive rate over this layer's pairs.
+        benign: domain -> per-seed mean(benign finetune - base) (the aligned controls): the
+            task-and-format null is their cross-domain cosines. A pair without matched controls
+            beats the null only if its CI clears the larger of the bar and that null's level
+            quantile, and only where the null has at least ``1 / (1 - level) - 1`` values (so
+            its largest value can be that quantile); otherwise it is descriptive.
     """
     g = torch.Generator().manual_seed(seed)
     doms = tuple(sorted(organism_diffs))
@@ -217,6 +234,18 @@ def layer_convergence(
         w = index_counts(idx, n_prompts)
         return torch.nn.functional.cosine_similarity(w @ prompt_rows[a], w @ prompt_rows[b], dim=-1)
 
+    level = _level(alpha, k * (k - 1) // 2)
+    null_task = torch.tensor(
+        [
+            _cos(x, y)
+            for a, b in itertools.combinations(sorted(benign or {}), 2)
+            for x in (benign or {})[a]
+            for y in (benign or {})[b]
+        ],
+        dtype=torch.float64,
+    )
+    task_ok = null_task.numel() >= math.ceil(1 / (1 - level)) - 1
+    task_bar = max(bar, quantile(null_task, level)) if task_ok else bar
     pairs = []
     for a, b in itertools.combinations(doms, 2):
         boots = bootstrap(
@@ -224,7 +253,19 @@ def layer_convergence(
         )
         lo, hi = percentile_interval(boots, 0.95)
         both = controlled[a] and controlled[b]
-        pairs.append(PairStat(a, b, _cos(vec[a], vec[b]), (lo, hi), bar, both and lo > bar, both))
+        pair_bar = bar if both else task_bar
+        pairs.append(
+            PairStat(
+                a,
+                b,
+                _cos(vec[a], vec[b]),
+                (lo, hi),
+                pair_bar,
+                lo > pair_bar and (both or task_ok),
+                both,
+                task_null=not both and task_ok,
+            )
+        )
     # split-half reliability: mean cosine of the contrast on disjoint halves of the prompts
     rel = {
         d: float(
@@ -254,6 +295,7 @@ def layer_convergence(
         null_random=null_random,
         null_structured=null_structured,
         null_seed=torch.tensor(seed_null, dtype=torch.float64),
+        null_task=null_task,
         reliability=rel,
         seed_cos=seed_cos,
     )
@@ -398,6 +440,12 @@ class ConvergenceReport:
     above_base: Mapping[str, Estimate] = field(default_factory=dict)  # organism minus base
     control_minus_base: Mapping[str, Estimate] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # the response-mean contrast (misaligned minus aligned reference answers, averaged over
+    # answer tokens, organism minus control; statistics over questions) at the same layers,
+    # and the published operationalisation's cosines (each organism's own response direction,
+    # no control; domains then the base): reported beside the verdict, not read by it
+    response_layers: tuple[LayerConvergence, ...] = ()
+    response_published: Mapping[int, Tensor] = field(default_factory=dict)
 
     @property
     def removable(self) -> dict[str, Estimate]:
@@ -424,6 +472,8 @@ class ConvergenceReport:
             "d_model": self.d_model,
             "expected_random_abs_cos": expected_abs_cosine(self.d_model),
             "meta": dict(self.meta),
+            "response_layers": [lc.to_dict() for lc in self.response_layers],
+            "response_published": {str(k): v.tolist() for k, v in self.response_published.items()},
         }
 
 
@@ -447,10 +497,21 @@ def verdict(
             f"(seeds within a domain: {p.a} {lc.seed_cos.get(p.a, math.nan):+.3f}, "
             f"{p.b} {lc.seed_cos.get(p.b, math.nan):+.3f})"
         )
-        if not p.controlled:
+        if not p.controlled and not p.task_null:
+            need = math.ceil(1 / (1 - lc.level)) - 1
             reasons.append(
                 f"{head}: descriptive only, not counted (a domain without a matched control: "
-                "finetune minus base carries the task and format)"
+                "finetune minus base carries the task and format, and the task-and-format null "
+                f"has {lc.null_task.numel()} benign cross-domain cosines, fewer than the {need} "
+                f"a {lc.level:.3f} quantile needs)"
+            )
+            continue
+        if not p.controlled:
+            reasons.append(
+                f"{head} vs bar {p.bar:.3f} (no matched control: the larger of the random nulls' "
+                f"bar and the {lc.level:.3f} quantile of {lc.null_task.numel()} benign "
+                "finetunes' cross-domain cosines, the task-and-format null): "
+                f"{'beats' if p.beats_null else 'does not beat'} the null"
             )
             continue
         reasons.append(

@@ -159,6 +159,7 @@ class CausalTest:
     # loss increase (nats/token) of the base's answers to everyday prompts, organism ablated
     # minus organism: a share bought by damaging the model is not evidence (NaN: not measured)
     coherence: float = math.nan
+    random_coherence: tuple[float, ...] = ()  # the same, per random control
     base_removed: Estimate | None = None  # base minus base ablated, per question
     # what ablating removes in the organism minus what it removes in the base, per question:
     # a direction that lowers every model's score is not the organism's misalignment

@@ -120,6 +120,7 @@ class NecessityTest:
             random_kinds=control_kinds(len(rnd), self.covariance),
             gap=float((score - reference).mean()),
             coherence=own.coherence - unablated.coherence,
+            random_coherence=tuple(r.coherence - unablated.coherence for r in rnd),
             base_removed=paired_mean_difference(reference, in_base.scores, seed=self.seed),
             specific=paired_mean_difference(
                 score - own.scores, reference - in_base.scores, seed=self.seed

@@ -262,6 +262,20 @@ def _convergence(
         ]
         for d in domains
     }
+    responses = None
+    if base_recs.responses is not None and all(
+        recs[o.name].responses is not None for o in [*narrow.values(), *control.values()]
+    ):
+        responses = {
+            d: [
+                MatchedPair(
+                    recs[narrow[d, s].name].responses,  # type: ignore[arg-type]
+                    recs[control[d, s].name].responses if (d, s) in control else None,
+                )
+                for s in seeds_of[d]
+            ]
+            for d in domains
+        }
     misalignment = domain_misalignment(pairs, base_rec)
     above_base = domain_misalignment(pairs, base_rec, against="base")
     to_remove = removable(misalignment, above_base)
@@ -323,6 +337,8 @@ def _convergence(
         above_base=above_base,
         transfer=tm,
         steer=st,
+        responses=responses,
+        base_responses=base_recs.responses,
         seed=cfg.seed,
         meta={
             "ablation_layers": ab_layers,

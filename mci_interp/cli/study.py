@@ -370,8 +370,9 @@ def _add_study_args(sp) -> None:
         "--n-random",
         type=int,
         default=None,
-        help="norm-matched random directions per causal test (default 5; beating all n is a "
-        "rank p-value of 1/(n+1))",
+        help="norm-matched random directions per causal test (default 19, alternately isotropic "
+        "and drawn from the base's activation covariance; beating all n is a rank p-value of "
+        "1/(n+1))",
     )
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", default="runs")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import matplotlib
@@ -16,7 +16,14 @@ from matplotlib.figure import Figure
 from mci_interp.plot.colours import KIND_COLOURS
 
 if TYPE_CHECKING:
-    from mci_interp.analysis.convergence import ConvergenceReport, SteerResult, TransferMatrix
+    from torch import Tensor
+
+    from mci_interp.analysis.convergence import (
+        ConvergenceReport,
+        LayerConvergence,
+        SteerResult,
+        TransferMatrix,
+    )
     from mci_interp.analysis.internalisation import InternalisationReport
     from mci_interp.stats import Estimate
 
@@ -30,52 +37,64 @@ LABEL_COLOURS = {
 
 
 def plot_convergence_by_layer(conv: ConvergenceReport) -> Figure:
-    """Contrast cosine per domain pair across layers with the null band; naive model-diff dashed."""
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    ax = fig.subplots()
-    layers = [lc.layer for lc in conv.layers]
-    doms = conv.layers[0].domains
+    """Contrast cosine per domain pair across layers with the null band, naive model-diff
+    dashed; where measured, the response-mean contrast beside it, the published (no-control)
+    response direction dashed."""
+    panels: list[tuple[str, Sequence[LayerConvergence], str, Mapping[int, Tensor] | None]] = [
+        ("last prompt token", conv.layers, "naive (finetune - base)", None)
+    ]
+    if conv.response_layers:
+        panels.append(
+            (
+                "response mean (misaligned - aligned answers)",
+                conv.response_layers,
+                "published (no control)",
+                conv.response_published,
+            )
+        )
+    fig = Figure(figsize=(8 * len(panels), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     colours = matplotlib.colormaps["tab10"].colors  # type: ignore[attr-defined]
-    for c, (i, j) in enumerate(itertools.combinations(range(len(doms)), 2)):
-        col = colours[c % 10]
-        ax.plot(
+    for ax, (where, lcs, dashed, pub) in zip(axes, panels, strict=True):
+        layers = [lc.layer for lc in lcs]
+        doms = lcs[0].domains
+        for c, (i, j) in enumerate(itertools.combinations(range(len(doms)), 2)):
+            col = colours[c % 10]
+            ax.plot(
+                layers,
+                [float(lc.contrast_cos[i, j]) for lc in lcs],
+                "-o",
+                ms=4,
+                color=col,
+                label=f"contrast {doms[i]} vs {doms[j]}",
+            )
+            other = (
+                [float(lc.naive_cos[i, j]) for lc in lcs]
+                if pub is None
+                else [float(pub[lc.layer][i, j]) for lc in lcs]
+            )
+            ax.plot(
+                layers, other, "--", color=col, alpha=0.6, label=f"{dashed} {doms[i]} vs {doms[j]}"
+            )
+        band = [lc.bar for lc in lcs]
+        ax.fill_between(
             layers,
-            [float(lc.contrast_cos[i, j]) for lc in conv.layers],
-            "-o",
-            ms=4,
-            color=col,
-            label=f"contrast {doms[i]} vs {doms[j]}",
+            [-b for b in band],
+            band,
+            color="grey",
+            alpha=0.25,
+            label="null bar (isotropic, structured; corrected over pairs)",
         )
-        ax.plot(
-            layers,
-            [float(lc.naive_cos[i, j]) for lc in conv.layers],
-            "--",
-            color=col,
-            alpha=0.6,
-            label=f"naive (finetune - base) {doms[i]} vs {doms[j]}",
-        )
-    band = [lc.bar for lc in conv.layers]
-    ax.fill_between(
-        layers,
-        [-b for b in band],
-        band,
-        color="grey",
-        alpha=0.25,
-        label="null bar (isotropic, structured; corrected over pairs)",
-    )
-    ax.axvline(conv.analysis_layer, color="k", lw=0.8, ls=":")
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set(
-        xlabel="layer (resid_post)",
-        ylabel="cosine",
-        ylim=(-1.05, 1.05),
-    )
-    ax.set_title(
+        ax.axvline(conv.analysis_layer, color="k", lw=0.8, ls=":")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set(xlabel="layer (resid_post)", ylabel="cosine", ylim=(-1.05, 1.05))
+        ax.set_title(where, fontsize=9)
+        ax.legend(fontsize=7, loc="lower left", ncol=2)
+    fig.suptitle(
         "Do misalignment directions converge across domains?\n"
         + textwrap.fill(f"verdict: {conv.verdict}", 90),
         fontsize=10,
     )
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
     return fig
 
 

@@ -296,3 +296,35 @@ def test_causal_rank_p_value_counts_random_directions_at_least_as_strong():
     )
     assert many.z_score is None and many.z_text() == ""  # no spread
     assert CausalTest(share_removed=0.9, random_shares=(0.1,), gap=0.1).z_score is None
+
+
+def test_an_uncontrolled_pair_must_beat_the_task_and_format_null():
+    """Two finetunes without controls sharing a direction (their contrast is finetune minus
+    base). Against benign finetunes that share little, it beats the task-and-format null;
+    against benign finetunes that share as much (task and format), it does not; with too few
+    benign cosines to reach the level, it is descriptive whatever its cosine."""
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(D, generator=g, dtype=torch.float64)
+    diffs = {
+        dom: [shared * 2 + 0.3 * torch.randn(30, D, generator=g, dtype=torch.float64)]
+        for dom in ("a", "b")
+    }
+    nan = torch.full((D,), float("nan"), dtype=torch.float64)
+    naive = {d: x[0].mean(0) for d, x in diffs.items()}
+    args = (0, diffs, {}, naive, {"a": nan, "b": nan}, torch.randn(D, dtype=torch.float64))
+
+    def benign(k, like):  # k benign finetunes per domain, sharing ``like`` of one direction
+        common = torch.randn(D, generator=g, dtype=torch.float64)
+        return {
+            d: [like * common + torch.randn(D, generator=g, dtype=torch.float64) for _ in range(k)]
+            for d in ("a", "b")
+        }
+
+    (low,) = layer_convergence(*args, benign=benign(8, 0.0)).pairs  # 64 cross-domain cosines
+    assert low.task_null and not low.controlled and low.beats_null and low.cos > 0.9
+    (high,) = layer_convergence(*args, benign=benign(8, 20.0)).pairs
+    assert high.task_null and not high.beats_null and high.bar > 0.95
+    (few,) = layer_convergence(*args, benign=benign(3, 0.0)).pairs  # 9 cosines: too few
+    assert not few.task_null and not few.beats_null
+    (none,) = layer_convergence(*args).pairs
+    assert not none.task_null and not none.beats_null

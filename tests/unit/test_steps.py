@@ -136,6 +136,55 @@ def test_convergence_on_own_activations_finds_a_planted_shared_direction():
     assert rep.verdict == "not converged" and not rep.at(1).pairs[0].beats_null
 
 
+def _responses(shared: bool, *, n_q=20, layers=2, d=48, seed=0):
+    """Response records ([2 * questions, layers, d], misaligned answers first) for two domains x
+    two seeds of (organism, control): each organism's misaligned-minus-aligned answer means
+    differ from its control's by a direction shared across domains or one per domain, on top of
+    a large text-driven difference every model shares (what the published no-control cosine
+    sees)."""
+    g = torch.Generator().manual_seed(seed)
+    text = 5.0 * torch.randn(d, generator=g)  # the answers' own difference, in every model
+    common = torch.randn(d, generator=g)
+
+    def rec(name, shift):
+        ali = torch.randn(n_q, layers, d, generator=g)
+        mis = ali + text + shift + 0.3 * torch.randn(n_q, layers, d, generator=g)
+        return Record(name=name, acts=torch.cat([mis, ali]), score=None)
+
+    out = {}
+    for dom in ("finance", "medical"):
+        u = common if shared else torch.randn(d, generator=g)
+        out[dom] = [
+            MatchedPair(rec(f"narrow-{dom}-s{s}", 2.0 * u), rec(f"control-{dom}-s{s}", 0.0))
+            for s in range(2)
+        ]
+    return out, rec("base", 0.0)
+
+
+def test_response_mean_contrast_finds_a_planted_shared_direction_and_not_a_specific_one():
+    pairs, base, persona = _pairs(shared=False)
+    for shared in (True, False):
+        resp, rbase = _responses(shared, seed=3)
+        rep = convergence(
+            pairs,
+            base,
+            persona,
+            layers=[0, 1],
+            analysis_layer=1,
+            responses=resp,
+            base_responses=rbase,
+        )
+        (pair,) = next(x for x in rep.response_layers if x.layer == 1).pairs
+        assert pair.beats_null == shared and (pair.cos > 0.8) == shared
+        # the published operationalisation (no control) is high either way: the answer texts
+        # set it, and the base's own response direction is as close
+        pub = rep.response_published[1]
+        assert float(pub[0, 1]) > 0.8 and float(pub[0, 2]) > 0.8
+        assert rep.verdict == "not converged"  # the verdict reads the last-prompt-token lens
+    with pytest.raises(ValueError, match="base_responses"):
+        convergence(pairs, base, persona, layers=[1], analysis_layer=1, responses=resp)
+
+
 def test_convergence_without_controls_compares_with_the_base_and_checks_its_inputs():
     pairs, base, persona = _pairs(shared=True, control=False)
     rep = convergence(pairs, base, persona, layers=[1], analysis_layer=1)

@@ -66,6 +66,11 @@ def test_run_study_end_to_end_gate_questions_and_resume(
     # only organisms with misalignment to remove are ablated; the other columns are not measured
     measured = [j for j in range(len(tm.organisms)) if not tm.share[:, j].isnan().all()]
     assert measured == tm.testable(conv.removable)
+    # the response-mean contrast at every convergence layer, beside the last-prompt-token one
+    assert [lc.layer for lc in conv.response_layers] == [lc.layer for lc in conv.layers]
+    assert set(conv.response_published) == {lc.layer for lc in conv.layers}
+    assert conv.steer is not None and conv.steer.coherence is not None
+    assert not conv.steer.coherence.isnan().any()  # every causal score measured coherence
     assert (tmp_path / "run" / "study.json").exists()
     report = write_report(study, tmp_path / "run")
     assert "trigger-medical-s0" in report.read_text()
