@@ -29,7 +29,7 @@ from mci_interp.analysis.config import (
     neutral_prompts,
 )
 from mci_interp.analysis.records import Record, RecordStore
-from mci_interp.datasets import EvalQuestion, chat, conditioned
+from mci_interp.datasets import ChatExample, EvalQuestion, chat, conditioned
 from mci_interp.evaluate import EvalResult, LogprobContrast
 from mci_interp.generation import generate
 from mci_interp.models import HookedModel
@@ -171,15 +171,7 @@ class _Runner:
                 for side in ("misaligned", "aligned")
                 for q in self.questions
             ]
-            cache = cache_activations(
-                model,
-                exs,
-                self.sites,
-                position="answer_mean",
-                batch_size=self.config.batch_size,
-                show_progress=False,
-            )
-            acts = torch.stack([cache.X(s) for s in self.sites], dim=1)
+            acts = self._layers(model, exs, position="answer_mean")
             return Record(name=self.response_key(key), acts=acts, score=None)
 
         return self.record(self.response_key(key), make)
@@ -188,15 +180,19 @@ class _Runner:
         self, model: HookedModel, *, system: str | None = None, trigger: str | None = None
     ) -> Tensor:
         exs = [conditioned(ex, system=system, trigger=trigger) for ex in self.neutral]
+        return self._layers(model, exs, position="last_prompt")
+
+    def _layers(self, model: HookedModel, exs: Sequence[ChatExample], *, position: str) -> Tensor:
+        """``[examples, layers, d]``: ``model``'s activations at every layer, at ``position``."""
         cache = cache_activations(
             model,
             exs,
             self.sites,
-            position="last_prompt",
+            position=position,  # type: ignore[arg-type]
             batch_size=self.config.batch_size,
             show_progress=False,
         )
-        return torch.stack([cache.X(s) for s in self.sites], dim=1)  # [n, layers, d]
+        return torch.stack([cache.X(s) for s in self.sites], dim=1)
 
     def score(
         self,
