@@ -36,18 +36,13 @@ from torch import Tensor
 from mci_interp._io import read_json_verified, stable_hash, write_json
 from mci_interp.datasets import ChatExample, EvalQuestion
 from mci_interp.direction import Direction, random_direction
-from mci_interp.evaluate import EvalResult, Scorer
+from mci_interp.evaluate import Scorer
 from mci_interp.generation import completion_nll
 from mci_interp.intervene import Ablate, Intervention, apply
 from mci_interp.models import HookedModel
 from mci_interp.organisms.suite import Organism
 from mci_interp.organisms.weights import organism_model
 from mci_interp.stats import Estimate, bootstrap_ratio
-
-
-def mean_score(result: EvalResult) -> float:
-    """The mean misalignment score over an evaluation's questions."""
-    return float(result.mean())
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,3 +260,12 @@ def ablated_scores(
             scores(model, organism.key, *[Ablate(d) for d in dirs], questions=questions)
             for dirs in direction_sets
         ]
+
+
+def unablated_coherence(
+    base: HookedModel, organism: Organism, *, scores: CausalScorer
+) -> CausalScore:
+    """``organism``'s coherence loss with no intervention (no questions scored): what an
+    ablation's coherence cost is measured from."""
+    with organism_model(base, organism) as model:
+        return scores(model, organism.key, questions=())

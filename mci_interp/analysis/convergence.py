@@ -63,6 +63,8 @@ from mci_interp.stats import (
     split_half,
 )
 
+DAMAGE_NATS = 0.25  # coherence loss increase (nats/token) past which an effect is flagged
+
 
 def _cos(a: Tensor, b: Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1))
@@ -333,21 +335,42 @@ class TransferMatrix:
     layers: tuple[int, ...]
     interval: Float[Tensor, "n_dir n_org 2"] | None = None  # 95% CI of share (seeds, questions)
     random_kinds: tuple[str, ...] = ()  # "isotropic" or "covariance", per random control
+    # coherence cost of each ablation (loss increase of the base's everyday answers, mean over
+    # the column's seeds; NaN: not measured) and of each random control's
+    coherence: Float[Tensor, "n_dir n_org"] | None = None
+    random_coherence: Float[Tensor, "n_random n_org"] | None = None
+    base_removed: tuple[Estimate, ...] = ()  # per direction set: base minus base ablated
+    damage_nats: float = DAMAGE_NATS
 
     def beats_random(self, i: int, j: int) -> bool:
         """Direction ``i`` removes more of organism ``j``'s misalignment than every random
-        control, and its share's interval (where measured) lies above zero."""
+        control, its share's interval (where measured) lies above zero, and it does not damage
+        the model."""
         above = self.interval is None or bool(self.interval[i, j, 0] > 0)
-        return above and bool(self.share[i, j] > self.random_share[:, j].max())
+        return (
+            above
+            and not self.damaged(i, j)
+            and bool(self.share[i, j] > self.random_share[:, j].max())
+        )
+
+    def damaged(self, i: int, j: int) -> bool:
+        """Whether ablating direction ``i`` in organism ``j`` raised the coherence loss past
+        ``damage_nats``."""
+        return self.coherence is not None and bool(self.coherence[i, j] > self.damage_nats)
 
     def share_text(self, i: int, j: int) -> str:
-        """``"+45% [+10%, +80%]"``: direction ``i``'s share of organism ``j``'s misalignment."""
+        """``"+45% [+10%, +80%]; coherence +0.03"``: direction ``i``'s share of organism
+        ``j``'s misalignment, and its coherence cost where measured."""
         ci = (
             ""
             if self.interval is None
             else " [{:+.0%}, {:+.0%}]".format(*self.interval[i, j].tolist())
         )
-        return f"{float(self.share[i, j]):+.0%}{ci}"
+        coh = ""
+        if self.coherence is not None and not math.isnan(float(self.coherence[i, j])):
+            coh = f"; coherence {float(self.coherence[i, j]):+.3f}"
+            coh += " (damage)" if self.damaged(i, j) else ""
+        return f"{float(self.share[i, j]):+.0%}{ci}{coh}"
 
     def domain_of(self, j: int) -> str:
         """The domain of organism column ``j`` (columns are named ``domain:organism``)."""
@@ -372,10 +395,13 @@ class TransferMatrix:
             "layers": list(self.layers),
             "interval": None if self.interval is None else self.interval.tolist(),
             "random_kinds": list(self.random_kinds),
+            "coherence": None if self.coherence is None else self.coherence.tolist(),
+            "random_coherence": None
+            if self.random_coherence is None
+            else self.random_coherence.tolist(),
+            "base_removed": [e.to_dict() for e in self.base_removed],
+            "damage_nats": self.damage_nats,
         }
-
-
-DAMAGE_NATS = 0.25  # coherence loss increase (nats/token) past which an effect is flagged
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -545,6 +571,11 @@ def verdict(
                 reasons.append(
                     f"ablating {d} in {o}: removes {transfer.share_text(i, j)} of its misalignment "
                     f"vs random up to {float(transfer.random_share[:, j].max()):+.0%}"
+                    + (
+                        f"; the same ablation lowers the base by {transfer.base_removed[i]}"
+                        if transfer.base_removed
+                        else ""
+                    )
                 )
     if (
         beat

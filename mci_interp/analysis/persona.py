@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from torch import Tensor
 
 from mci_interp.analysis.causal import (
+    CausalScore,
     CausalScorer,
     ablated_scores,
     control_kinds,
@@ -23,6 +24,7 @@ from mci_interp.analysis.causal import (
     rng,
     share_point,
     share_removed,
+    unablated_coherence,
 )
 from mci_interp.analysis.collect import GATE_KINDS, BaseRecords, OrganismRecords
 from mci_interp.analysis.config import neutral_direction
@@ -43,7 +45,6 @@ from mci_interp.evaluate import paired_difference
 from mci_interp.intervene import Ablate
 from mci_interp.models import HookedModel
 from mci_interp.organisms.suite import Organism
-from mci_interp.organisms.weights import organism_model
 from mci_interp.stats import paired_mean_difference, quantile
 
 
@@ -107,25 +108,49 @@ class NecessityTest:
         own, *rnd = ablated_scores(
             self.base, organism, sets, scores=self.scores, questions=questions
         )
-        with organism_model(self.base, organism) as model:
-            unablated = self.scores(model, organism.key, questions=())
+        unablated = unablated_coherence(self.base, organism, scores=self.scores)
         ablate = [Ablate(d) for d in directions]
         in_base = self.scores(self.base, "base", *ablate, questions=questions)
-        score, reference = score.double(), reference.double()
-        share = share_removed(score, own.scores, reference, seed=self.seed)
-        return CausalTest(
-            share_removed=share.mean,
-            share=share,
-            random_shares=tuple(share_point(score, r.scores, reference) for r in rnd),
-            random_kinds=control_kinds(len(rnd), self.covariance),
-            gap=float((score - reference).mean()),
-            coherence=own.coherence - unablated.coherence,
-            random_coherence=tuple(r.coherence - unablated.coherence for r in rnd),
-            base_removed=paired_mean_difference(reference, in_base.scores, seed=self.seed),
-            specific=paired_mean_difference(
-                score - own.scores, reference - in_base.scores, seed=self.seed
-            ),
+        return causal_test(
+            score,
+            reference,
+            own=own,
+            controls=rnd,
+            kinds=control_kinds(len(rnd), self.covariance),
+            in_base=in_base,
+            unablated=unablated,
+            seed=self.seed,
         )
+
+
+def causal_test(
+    score: Tensor,
+    reference: Tensor,
+    *,
+    own: CausalScore,
+    controls: Sequence[CausalScore],
+    kinds: Sequence[str],
+    in_base: CausalScore,
+    unablated: CausalScore,
+    seed: int = 0,
+) -> CausalTest:
+    """A necessity test from its scores: the organism's per-question ``score`` and the base's
+    ``reference``; the organism with the tested direction ablated (``own``) and with each random
+    control ablated (``controls``, of ``kinds``); the base with the tested direction ablated
+    (``in_base``); and the unablated organism's coherence loss (``unablated``)."""
+    score, reference = score.double(), reference.double()
+    share = share_removed(score, own.scores, reference, seed=seed)
+    return CausalTest(
+        share_removed=share.mean,
+        share=share,
+        random_shares=tuple(share_point(score, r.scores, reference) for r in controls),
+        random_kinds=tuple(kinds),
+        gap=float((score - reference).mean()),
+        coherence=own.coherence - unablated.coherence,
+        random_coherence=tuple(r.coherence - unablated.coherence for r in controls),
+        base_removed=paired_mean_difference(reference, in_base.scores, seed=seed),
+        specific=paired_mean_difference(score - own.scores, reference - in_base.scores, seed=seed),
+    )
 
 
 def internalisation(

@@ -23,12 +23,14 @@ from mci_interp.analysis.causal import (
     random_controls,
     share_point,
     share_removed,
+    unablated_coherence,
 )
 from mci_interp.analysis.convergence import TransferMatrix, has_misalignment
 from mci_interp.direction import Direction
+from mci_interp.intervene import Ablate
 from mci_interp.models import HookedModel
 from mci_interp.organisms.suite import Organism
-from mci_interp.stats import Estimate
+from mci_interp.stats import Estimate, paired_mean_difference
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +85,8 @@ def transfer(
     share = torch.full((len(rows), len(cols)), float("nan"), dtype=torch.float64)
     interval = torch.full((len(rows), len(cols), 2), float("nan"), dtype=torch.float64)
     rshare = torch.full((n_random, len(cols)), float("nan"), dtype=torch.float64)
+    coherence = torch.full((len(rows), len(cols)), float("nan"), dtype=torch.float64)
+    rcoherence = torch.full((n_random, len(cols)), float("nan"), dtype=torch.float64)
     gaps = torch.zeros(len(cols), dtype=torch.float64)
     for j, name in enumerate(tqdm(cols, desc="transfer", disable=not show_progress, leave=False)):
         ts = seeds[name]
@@ -97,11 +101,32 @@ def transfer(
         )
         per_seed = [ablated_scores(base, t.organism, sets, scores=scores) for t in ts]
         ablated = [torch.stack([s[k].scores for s in per_seed]) for k in range(len(sets))]
+        # coherence cost of each ablation, mean over seeds of ablated minus unablated loss
+        loss0 = [unablated_coherence(base, t.organism, scores=scores).coherence for t in ts]
+        cost = [
+            sum(s[k].coherence - c for s, c in zip(per_seed, loss0, strict=True)) / len(ts)
+            for k in range(len(sets))
+        ]
         for i in range(len(rows)):
             est = share_removed(score, ablated[i], reference, seed=seed)
             share[i, j], interval[i, j, 0], interval[i, j, 1] = est.mean, est.lo, est.hi
+            coherence[i, j] = cost[i]
         for k in range(n_random):
             rshare[k, j] = share_point(score, ablated[len(rows) + k], reference)
+            rcoherence[k, j] = cost[len(rows) + k]
+    # what each direction set's ablation does to the base itself (score drop, per question):
+    # a set that lowers every model's score is not removing an organism's misalignment
+    base_removed: tuple[Estimate, ...] = ()
+    if not share.isnan().all():
+        s0 = scores(base, "base")
+        base_removed = tuple(
+            paired_mean_difference(
+                s0.scores,
+                scores(base, "base", *[Ablate(d) for d in directions[r]]).scores,
+                seed=seed,
+            )
+            for r in rows
+        )
     return TransferMatrix(
         directions=tuple(rows),
         organisms=tuple(
@@ -113,4 +138,7 @@ def transfer(
         layers=tuple(sorted({d.site.layer for ds in directions.values() for d in ds})),
         interval=interval,
         random_kinds=control_kinds(n_random, covariance),
+        coherence=coherence,
+        random_coherence=rcoherence,
+        base_removed=base_removed,
     )
