@@ -27,27 +27,9 @@ def smol_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, smol_dir) -> Path:
     """A random 2-layer Llama (hidden 64) saved as an HF dir, with SmolLM2's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from mci_interp.models.tiny import save_tiny_llama
 
-    tok = AutoTokenizer.from_pretrained(smol_dir)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(cfg)
-    out = tmp_path_factory.mktemp("tiny_llama")
-    hf.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture()
