@@ -211,6 +211,15 @@ def test_convergence_detects_shared_direction_and_rejects_independent():
     untestable = verdict(conv, tm, {d: _est(0.0, -0.1, 0.1) for d in "abc"})[0]
     # no misalignment: transfer cannot count, so at most "partly", flagged untestable
     assert untestable.startswith("partly") and "untestable" in untestable
+    # a transfer that damages the model, or whose share's interval reaches zero, does not count
+    import dataclasses
+
+    broke = dataclasses.replace(tm, coherence=torch.full((3, 3), 0.3, dtype=torch.float64))
+    assert broke.damaged(0, 1) and not broke.beats_random(0, 1)
+    assert verdict(conv, broke, mis)[0] == "partly"  # the cosines still beat the null
+    wide = torch.stack([torch.full((3, 3), -0.1), torch.full((3, 3), 1.7)], -1).double()
+    assert not dataclasses.replace(tm, interval=wide).beats_random(0, 1)
+    assert "(damage)" in broke.share_text(0, 1)
 
 
 def test_intervention_fingerprint_changes_with_the_direction_and_settings():
