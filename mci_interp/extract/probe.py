@@ -119,6 +119,12 @@ class LinearProbe(ClassifierMixin, TransformerMixin, Estimator):
                 f"only {n_units} {what} for cv={self.cv} folds; lower cv to at most {n_units} or "
                 "add prompts"
             )
+        counts = [int((lab == c).sum()) for c in (0, 1)]
+        if max(counts) < self.cv:  # stratified folds need a class with a row in every fold
+            raise ValueError(
+                f"each class has fewer rows than cv={self.cv} folds (label 0: {counts[0]}, label "
+                f"1: {counts[1]}); lower cv to at most {max(counts)} or add rows"
+            )
         if codes is not None:
             for c in (0, 1):
                 n_g = len(np.unique(codes[lab == c]))
