@@ -8,9 +8,12 @@ from pathlib import Path
 import torch
 
 
-def save_tiny_llama(out: Path, *, seed: int = 0) -> Path:
-    """Write a random 2-layer Llama (hidden 64) and SmolLM2's tokenizer to ``out`` as a Hugging
-    Face directory (load it with ``load_model(str(out))``); the weights depend on ``seed`` only."""
+def save_tiny_llama(
+    out: Path, *, seed: int = 0, hidden_size: int = 64, intermediate_size: int = 128
+) -> Path:
+    """Write a random 2-layer Llama (hidden 64 by default) and SmolLM2's tokenizer to ``out`` as
+    a Hugging Face directory (load it with ``load_model(str(out))``); the weights depend on
+    ``seed`` and the sizes only."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from mci_interp.models.load import model_dir
@@ -18,8 +21,8 @@ def save_tiny_llama(out: Path, *, seed: int = 0) -> Path:
     tok = AutoTokenizer.from_pretrained(model_dir("smollm2-135m-instruct"))
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -206,22 +206,10 @@ def test_loading_is_idempotent_and_names_are_checked(tiny_model, tiny_dir, tmp_p
 
 
 def _wider(tmp_path, tiny_dir):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A base of another width (32) than the tiny model's (64)."""
+    from mci_interp.models.tiny import save_tiny_llama
 
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    out = tmp_path / "wide_base"
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path / "wide_base", hidden_size=32, intermediate_size=48)
 
 
 def test_reuse_below_notices_adapter_switches(tiny_model, tmp_path):
