@@ -21,7 +21,8 @@ from mci_interp.plot.analysis import (
 )
 
 if TYPE_CHECKING:  # annotations only: ``mci compare`` need not import the analysis layer
-    from mci_interp.analysis.convergence import ConvergenceReport, PairStat, SteerResult
+    from mci_interp.analysis.convergence import ConvergenceReport, PairStat
+    from mci_interp.analysis.effects import SteerResult
     from mci_interp.analysis.internalisation import CausalTest
     from mci_interp.analysis.study import Study
 
@@ -160,7 +161,7 @@ def write_report(
                 L.append(f"![{name}]({figs[name]})\n")
         if c.steer is not None:
             L.append(steering_table(c.steer))
-    from mci_interp.analysis.convergence import DAMAGE_NATS  # the analysis layer, lazily
+    from mci_interp.analysis.effects import DAMAGE_NATS  # the analysis layer, lazily
 
     L.append("## Fluency (T2) versus internalisation (T5)\n")
     L.append(

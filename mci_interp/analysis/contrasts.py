@@ -24,12 +24,11 @@ from mci_interp.analysis.config import neutral_direction
 from mci_interp.analysis.convergence import (
     ConvergenceReport,
     LayerConvergence,
-    SteerResult,
-    TransferMatrix,
     contrast_vectors,
     layer_convergence,
     verdict,
 )
+from mci_interp.analysis.effects import SteerResult, TransferMatrix
 from mci_interp.analysis.records import Record, acts_of, score_of
 from mci_interp.direction import Direction
 from mci_interp.evaluate import paired_difference

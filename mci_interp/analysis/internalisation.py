@@ -41,7 +41,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mci_interp import stats
-from mci_interp.analysis.convergence import DAMAGE_NATS
+from mci_interp.analysis.effects import DAMAGE_NATS
 from mci_interp.stats import Estimate, bootstrap_mean
 
 LABELS = ("aligned", "fluency", "gated", "internalised", "partial")

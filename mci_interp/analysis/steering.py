@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mci_interp.analysis.causal import CausalScorer, control_kinds, random_controls
-from mci_interp.analysis.convergence import SteerResult
+from mci_interp.analysis.effects import SteerResult
 from mci_interp.direction import Direction
 from mci_interp.intervene import Steer
 from mci_interp.models import HookedModel

@@ -55,7 +55,8 @@ from mci_interp.analysis.contrasts import (
     convergence,
     domain_misalignment,
 )
-from mci_interp.analysis.convergence import ConvergenceReport, removable
+from mci_interp.analysis.convergence import ConvergenceReport
+from mci_interp.analysis.effects import removable
 from mci_interp.analysis.internalisation import InternalisationReport, Rules
 from mci_interp.analysis.persona import (
     NecessityTest,

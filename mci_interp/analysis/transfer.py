@@ -25,7 +25,7 @@ from mci_interp.analysis.causal import (
     share_removed,
     unablated_coherence,
 )
-from mci_interp.analysis.convergence import TransferMatrix, has_misalignment
+from mci_interp.analysis.effects import TransferMatrix, has_misalignment
 from mci_interp.direction import Direction
 from mci_interp.intervene import Ablate
 from mci_interp.models import HookedModel

@@ -18,12 +18,8 @@ from mci_interp.plot.colours import KIND_COLOURS
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from mci_interp.analysis.convergence import (
-        ConvergenceReport,
-        LayerConvergence,
-        SteerResult,
-        TransferMatrix,
-    )
+    from mci_interp.analysis.convergence import ConvergenceReport, LayerConvergence
+    from mci_interp.analysis.effects import SteerResult, TransferMatrix
     from mci_interp.analysis.internalisation import InternalisationReport
     from mci_interp.stats import Estimate
 

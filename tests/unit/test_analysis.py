@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import make_provenance
 
-from mci_interp.analysis.convergence import TransferMatrix, layer_convergence, verdict
+from mci_interp.analysis.convergence import layer_convergence, verdict
+from mci_interp.analysis.effects import TransferMatrix
 from mci_interp.analysis.internalisation import (
     CausalTest,
     InternalisationReport,
