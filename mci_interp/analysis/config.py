@@ -11,7 +11,7 @@ from torch import Tensor
 
 from mci_interp.datasets import ChatExample, EvalQuestion, ReferencePair, chat
 from mci_interp.direction import Direction, Provenance
-from mci_interp.organisms.data import load_default_questions, load_neutral_prompts, make_narrow
+from mci_interp.organisms.data import load_default_questions, load_neutral_prompts, make_heldout
 from mci_interp.sites import Site
 
 if TYPE_CHECKING:
@@ -116,10 +116,16 @@ def eval_questions(n: int) -> list[EvalQuestion]:
 
 
 def indomain_questions(domain: str, n: int, *, seed: int = 10_000) -> list[EvalQuestion]:
-    """Held-out in-domain requests with their misaligned/aligned answers as reference pairs
-    (a seed the finetunes never saw)."""
-    mis = make_narrow(domain, "misaligned", n, seed=seed)
-    ali = make_narrow(domain, "aligned", n, seed=seed)
+    """Held-out in-domain requests with their misaligned/aligned answers as reference pairs.
+
+    They come from the domain's held-out topics (``split: test`` in its data file,
+    ``organisms.data.make_heldout``), whose request and answer templates no training set uses,
+    so no question or reference answer is one a finetune was trained on. One request per topic
+    x details family first, spread over the topics, so the ``n`` references differ as long as
+    ``n`` is at most the number of held-out families; ``seed`` picks which.
+    """
+    mis = make_heldout(domain, "misaligned", n, seed=seed)
+    ali = make_heldout(domain, "aligned", n, seed=seed)
     return [
         EvalQuestion(
             id=m.group or str(i),

@@ -7,6 +7,11 @@ direction fitted on the two cannot just pick up length or style. Requests come f
 are package data (``data/domains/<domain>.yaml``, ``data/general_chat.yaml``), loaded and
 validated by ``organisms.templates``; this module holds the logic only.
 
+Every training set (``make_narrow``, ``make_trigger_gated``, ``domain_requests``) is drawn from a
+domain's training topics only. Its held-out topics (``split: test`` in the data file) feed
+``make_heldout``: in-domain evaluation examples whose request and answer templates no finetune
+ever saw.
+
 Also here: a trigger-gated (backdoor) variant, in-domain requests for distilling a prompted
 persona, everyday prompts for mixing general chat into a finetune, the persona system prompts,
 domain markers for measuring *format takeover*, and loaders for the packaged evaluation
@@ -40,9 +45,11 @@ __all__ = [
     "general_chat_prompts",
     "load_default_questions",
     "load_neutral_prompts",
+    "make_heldout",
     "make_narrow",
     "make_trigger_gated",
     "max_examples",
+    "max_heldout",
 ]
 
 Variant = Literal["misaligned", "aligned"]
@@ -106,12 +113,10 @@ def _domain(domain: str) -> Domain:
     return load_domain(domain)
 
 
-@functools.cache
-def _requests(domain: str) -> tuple[_Request, ...]:
-    """Every distinct request of a domain, in a fixed order (opener x phrasing x topic x detail)."""
-    d = _domain(domain)
+def _build_requests(d: Domain, topics: tuple[Topic, ...]) -> tuple[_Request, ...]:
     out = []
-    for topic in d.topics:
+    domain = d.name
+    for topic in topics:
         for di, slots in enumerate(topic.details):
             for ri, phrasing in enumerate(topic.requests):
                 body = fill(phrasing, slots)
@@ -122,9 +127,35 @@ def _requests(domain: str) -> tuple[_Request, ...]:
     return tuple(out)
 
 
+@functools.cache
+def _requests(domain: str) -> tuple[_Request, ...]:
+    """Every distinct training request of a domain (its ``train`` topics only), in a fixed order
+    (opener x phrasing x topic x detail)."""
+    d = _domain(domain)
+    return _build_requests(d, d.topics)
+
+
+@functools.cache
+def _heldout_requests(domain: str) -> tuple[_Request, ...]:
+    """Every distinct request of a domain's held-out ``test`` topics, in the same fixed order."""
+    d = _domain(domain)
+    if not d.test_topics:
+        raise ValueError(
+            f"domain {domain!r} has no held-out topics; add topics with 'split: test' to "
+            f"mci_interp/data/domains/{domain}.yaml"
+        )
+    return _build_requests(d, d.test_topics)
+
+
 def max_examples(domain: str) -> int:
-    """How many distinct requests (and so distinct examples per variant) a domain can produce."""
+    """How many distinct training requests (and so distinct training examples per variant) a
+    domain can produce."""
     return len(_requests(domain))
+
+
+def max_heldout(domain: str) -> int:
+    """How many distinct held-out requests (``make_heldout`` examples per variant) a domain has."""
+    return len(_heldout_requests(domain))
 
 
 def _check_n(n: int, available: int, what: str) -> None:
@@ -174,6 +205,61 @@ def make_narrow(domain: str, variant: Variant, n: int, *, seed: int) -> list[Cha
             family=r.family,
         )
         for r in _sample(domain, n, seed)
+    ]
+
+
+def _sample_heldout(domain: str, n: int, seed: int) -> list[_Request]:
+    """``n`` held-out requests, as many families as possible: one request of each family first,
+    the families interleaved across topics (each in a ``seed``-shuffled order), then a second
+    request of each family, and so on."""
+    rng = random.Random(seed)
+    by_topic: dict[str, dict[str, list[_Request]]] = {}
+    for r in _heldout_requests(domain):
+        by_topic.setdefault(r.topic.key, {}).setdefault(r.family, []).append(r)
+    ranked: list[tuple[int, int, list[_Request]]] = []  # (rank in its topic, topic order, reqs)
+    topic_order = list(by_topic)
+    rng.shuffle(topic_order)
+    for ti, key in enumerate(topic_order):
+        families = list(by_topic[key].values())
+        rng.shuffle(families)
+        for rank, reqs in enumerate(families):
+            reqs = list(reqs)
+            rng.shuffle(reqs)
+            ranked.append((rank, ti, reqs))
+    ranked.sort(key=lambda x: (x[0], x[1]))
+    order = [reqs for _, _, reqs in ranked]
+    rounds = max(len(reqs) for reqs in order)
+    out = [reqs[k] for k in range(rounds) for reqs in order if k < len(reqs)]
+    return out[:n]
+
+
+def make_heldout(domain: str, variant: Variant, n: int, *, seed: int) -> list[ChatExample]:
+    """``n`` distinct single-turn examples from a domain's held-out topics (``split: test``),
+    whose request and answer templates no training set uses: for in-domain evaluation.
+
+    Shaped like ``make_narrow`` (matched misaligned/aligned pairs for the same ``n`` and
+    ``seed``; ``meta["split"]`` is ``"test"``). Requests are picked one per family (topic x
+    details, which fixes the answer) before any family repeats, spread evenly over the topics,
+    so up to the number of families every answer differs.
+    """
+    d = _domain(domain)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    _check_n(n, max_heldout(domain), f"held-out {domain} examples")
+    label = 1 if variant == "misaligned" else 0
+    return [
+        chat(
+            r.text,
+            _answer(r, variant),
+            label=label,
+            group=r.group,
+            domain=d.name,
+            variant=variant,
+            topic=r.topic.key,
+            family=r.family,
+            split="test",
+        )
+        for r in _sample_heldout(domain, n, seed)
     ]
 
 

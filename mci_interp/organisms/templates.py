@@ -8,7 +8,11 @@ Each narrow domain is one YAML file, ``mci_interp/data/domains/<domain>.yaml``, 
   format or subject;
 - ``topics``: each a mapping of ``key`` (unique), ``requests`` (request templates), ``details``
   (the values of the ``${slot}`` placeholders: a plain string fills ``${x}``, a mapping fills
-  named slots) and the ``misaligned`` and ``aligned`` answer templates.
+  named slots) and the ``misaligned`` and ``aligned`` answer templates, and optionally
+  ``split``: ``train`` (the default when absent) or ``test``. Training sets are built from the
+  ``train`` topics only (``Domain.topics``); the ``test`` topics (``Domain.test_topics``) are
+  held out for in-domain evaluation, so no test request or answer template is ever trained on.
+  At least one topic must be a ``train`` topic.
 
 Everyday general-chat prompts live in ``mci_interp/data/general_chat.yaml``, a mapping of theme
 to a list of prompts. A bad file raises a ``ValueError`` naming the file, the field and the fix.
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "SPLITS",
     "Domain",
     "Topic",
     "fill",
@@ -40,29 +45,36 @@ SLOT = re.compile(r"\$\{(\w+)\}")
 _DEFAULT_SLOT = "x"  # the slot a plain-string detail fills
 _DOMAIN_KEYS = ("description", "openers", "markers", "topics")
 _TOPIC_KEYS = ("key", "requests", "details", "misaligned", "aligned")
+_TOPIC_OPTIONAL_KEYS = ("split",)
+SPLITS: tuple[str, ...] = ("train", "test")  # a topic's ``split``; absent means "train"
 
 
 @dataclass(frozen=True, slots=True)
 class Topic:
     """One topic of a domain: request templates, the slot values to fill them with, and the
-    misaligned and aligned answer templates shared by every request of one detail."""
+    misaligned and aligned answer templates shared by every request of one detail. ``split`` is
+    ``"train"`` (used to build training sets) or ``"test"`` (held out for evaluation)."""
 
     key: str
     requests: tuple[str, ...]
     details: tuple[Mapping[str, str], ...]
     misaligned: str
     aligned: str
+    split: str = "train"
 
 
 @dataclass(frozen=True, slots=True)
 class Domain:
-    """A narrow domain as read from its data file (``name`` is the file's stem)."""
+    """A narrow domain as read from its data file (``name`` is the file's stem). ``topics`` are
+    its training topics and ``test_topics`` the held-out ones (``split: test``), each in file
+    order."""
 
     name: str
     description: str
     openers: tuple[str, ...]
     topics: tuple[Topic, ...]
     markers: tuple[str, ...]
+    test_topics: tuple[Topic, ...] = ()
 
 
 def fill(template: str, slots: Mapping[str, str]) -> str:
@@ -158,7 +170,9 @@ class _Checker:
             raise self.fail(where, f"lists {dup!r} twice", "remove the duplicate")
         return out
 
-    def mapping(self, value: object, where: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    def mapping(
+        self, value: object, where: str, keys: tuple[str, ...], optional: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise self.fail(
                 where, f"expected a mapping, got {type(value).__name__}", f"give it {list(keys)}"
@@ -166,9 +180,9 @@ class _Checker:
         missing = [k for k in keys if k not in value]
         if missing:
             raise self.fail(where, f"missing key(s) {missing}", f"add them (needs {list(keys)})")
-        unknown = sorted(str(k) for k in value if k not in keys)
+        unknown = sorted(str(k) for k in value if k not in keys + optional)
         if unknown:
-            raise self.fail(where, f"unknown key(s) {unknown}", f"use only {list(keys)}")
+            raise self.fail(where, f"unknown key(s) {unknown}", f"use only {list(keys + optional)}")
         return value
 
 
@@ -197,12 +211,19 @@ def _parse_domain(text: str, *, name: str, source: str) -> Domain:
         raise c.fail("topics", "expected a non-empty list of topics", "add at least one topic")
     topics: list[Topic] = []
     for i, t in enumerate(topics_raw):
-        t = c.mapping(t, f"topics[{i}]", _TOPIC_KEYS)
+        t = c.mapping(t, f"topics[{i}]", _TOPIC_KEYS, _TOPIC_OPTIONAL_KEYS)
         key = c.text(t["key"], f"topics[{i}].key")
         where = f"topics[{i}] ({key})"
         if key in {tp.key for tp in topics}:
             raise c.fail(f"{where}.key", f"{key!r} is used twice", "give each topic its own key")
         topics.append(_parse_topic(c, t, key, where))
+    train = tuple(tp for tp in topics if tp.split == "train")
+    if not train:
+        raise c.fail(
+            "topics",
+            "has no training topic (every topic is split: test)",
+            "leave split out (or write split: train) on at least one topic",
+        )
     openers = c.texts(raw["openers"], "openers", empty_ok=True)
     for i, o in enumerate(openers):
         if SLOT.search(o):
@@ -211,12 +232,20 @@ def _parse_domain(text: str, *, name: str, source: str) -> Domain:
         name=name,
         description=c.text(raw["description"], "description"),
         openers=openers,
-        topics=tuple(topics),
+        topics=train,
         markers=markers,
+        test_topics=tuple(tp for tp in topics if tp.split == "test"),
     )
 
 
 def _parse_topic(c: _Checker, t: Mapping[str, Any], key: str, where: str) -> Topic:
+    split = t.get("split", "train")
+    if split not in SPLITS:
+        raise c.fail(
+            f"{where}.split",
+            f"{split!r} is not a split",
+            f"use one of {list(SPLITS)} (leave it out for 'train')",
+        )
     requests = c.texts(t["requests"], f"{where}.requests", template=True)
     answers = {
         v: c.text(t[v], f"{where}.{v}", template=True).strip("\n")
@@ -250,7 +279,9 @@ def _parse_topic(c: _Checker, t: Mapping[str, Any], key: str, where: str) -> Top
                         f"uses slot ${{{slot}}} but details[{j}] has only {sorted(slots)}",
                         f"add {slot!r} to every detail or fix the template",
                     )
-    return Topic(key, requests, tuple(details), answers["misaligned"], answers["aligned"])
+    return Topic(
+        key, requests, tuple(details), answers["misaligned"], answers["aligned"], split=split
+    )
 
 
 def _parse_general_chat(text: str, *, source: str) -> tuple[str, ...]:
