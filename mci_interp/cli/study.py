@@ -24,14 +24,23 @@ def _study_config(args):
 
 
 def _suite(args):
-    from mci_interp.organisms.suite import default_suite
+    from mci_interp.organisms.suite import default_suite, heldout_suite
 
     seeds = _int_list(args.seeds, "--seeds")
+    if args.heldout:
+        return heldout_suite(seeds=seeds, fast=args.fast)
     persona = (
         None if args.persona_seeds is None else _int_list(args.persona_seeds, "--persona-seeds")
     )
     domains = tuple(d.strip() for d in args.domains.split(","))
     return default_suite(seeds=seeds, domains=domains, fast=args.fast, persona_seeds=persona)
+
+
+def _conditions(args):
+    """The user's candidate conditions (--system-prompt, --trigger), or None: the suite's."""
+    from mci_interp.analysis.conditions import user_conditions
+
+    return user_conditions(args.system_prompt, args.trigger)
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -166,7 +175,9 @@ def cmd_converge(args) -> int:
     if args.require_records:
         from mci_interp.analysis.study import missing_records
 
-        gone = missing_records(model, orgs, config=config, records_dir=args.records)
+        gone = missing_records(
+            model, orgs, config=config, records_dir=args.records, conditions=_conditions(args)
+        )
         if gone:
             raise ValueError(
                 f"--require-records: no stored records for {gone} in --records "
@@ -225,6 +236,7 @@ def cmd_records(args) -> int:
             run / org.name,
             config=config,
             records_dir=args.records,
+            conditions=_conditions(args),
             show_progress=not args.quiet,
         )
         print(f"stored the records of {org.name} ({org.spec.checkpoint}); {run / org.name}")
@@ -243,7 +255,9 @@ def _study_and_report(model, orgs, config, args, t_all, suffix, timings) -> int:
         f"[2/3] study: records, directions, convergence, transfer, internalisation -> {out}",
         file=sys.stderr,
     )
-    study = run_study(model, orgs, out, config=config, records_dir=args.records)
+    study = run_study(
+        model, orgs, out, config=config, records_dir=args.records, conditions=_conditions(args)
+    )
     print("[3/3] report and figures", file=sys.stderr)
     total = {"total": time.perf_counter() - t_all}
     report = write_report(study, out, extra_timings=timings | total)
@@ -276,6 +290,13 @@ def add_commands(sub) -> None:
         )
         sp.add_argument(
             "--fast", action="store_true", help="tiny settings (CI, notebooks): minutes, not tens"
+        )
+        sp.add_argument(
+            "--heldout",
+            action="store_true",
+            help="the held-out known-truth organisms instead (another persona prompt and trigger, "
+            "the legal and diy_safety domains; --domains and --persona-seeds do not apply): what "
+            "the frozen T2/T5 rules are scored on",
         )
         sp.set_defaults(func=func)
         if name == "demo":
@@ -373,6 +394,22 @@ def _add_study_args(sp) -> None:
         help="norm-matched random directions per causal test (default 19, alternately isotropic "
         "and drawn from the base's activation covariance; beating all n is a rank p-value of "
         "1/(n+1))",
+    )
+    sp.add_argument(
+        "--system-prompt",
+        action="append",
+        metavar="TEXT",
+        help="a candidate condition: every checkpoint and the base are measured with this system "
+        "prompt (repeat for more); the T2/T5 classifier asks which conditions make a model "
+        "misaligned and whether the base follows them too",
+    )
+    sp.add_argument(
+        "--trigger",
+        action="append",
+        metavar="TEXT",
+        help="a candidate trigger string, put in front of every user turn (repeat for more). "
+        "Given any --system-prompt or --trigger, these are the candidates; default: the packaged "
+        "persona prompt and trigger, plus those the suite's organisms were built with",
     )
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", default="runs")
