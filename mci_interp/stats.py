@@ -180,6 +180,29 @@ def paired_mean_difference(
     return bootstrap_mean(ta - tb, level=level, n_boot=n_boot, seed=seed)
 
 
+def leave_one_out(
+    a: Float[Tensor, " n"],
+    b: Float[Tensor, " n"],
+    *,
+    level: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> list[Estimate]:
+    """``paired_mean_difference(a, b)`` with each of the n pairs left out in turn (entry i
+    leaves out pair i): whether one unit, one question, carries an effect on its own."""
+    ta = torch.as_tensor(a, dtype=torch.float64).flatten()
+    tb = torch.as_tensor(b, dtype=torch.float64).flatten()
+    if ta.shape != tb.shape or ta.numel() < 2:
+        raise ValueError(
+            f"leave_one_out needs >= 2 paired values on both sides; got {ta.numel()} and "
+            f"{tb.numel()}"
+        )
+    keep = ~torch.eye(ta.numel(), dtype=torch.bool)
+    return [
+        paired_mean_difference(ta[k], tb[k], level=level, n_boot=n_boot, seed=seed) for k in keep
+    ]
+
+
 def hierarchical_mean_difference(
     a: Float[Tensor, "seeds n"],
     b: Float[Tensor, "seeds n"],

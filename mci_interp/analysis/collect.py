@@ -22,6 +22,7 @@ from mci_interp import __version__
 from mci_interp._io import cache_root, stable_hash
 from mci_interp.activations import cache_activations
 from mci_interp.analysis.causal import CausalScorer
+from mci_interp.analysis.conditions import Condition, suite_conditions
 from mci_interp.analysis.config import (
     StudyConfig,
     eval_questions,
@@ -29,17 +30,15 @@ from mci_interp.analysis.config import (
     neutral_prompts,
 )
 from mci_interp.analysis.records import Record, RecordStore
-from mci_interp.datasets import ChatExample, EvalQuestion, chat, conditioned
+from mci_interp.datasets import ChatExample, EvalQuestion, chat, conditioned, dataset_hash
 from mci_interp.evaluate import EvalResult, LogprobContrast
 from mci_interp.generation import generate
 from mci_interp.models import HookedModel
-from mci_interp.organisms.data import DOMAINS, PERSONA_SYSTEM_PROMPT
+from mci_interp.organisms.data import DOMAINS, HELPFUL_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT
 from mci_interp.organisms.suite import Organism
 from mci_interp.organisms.weights import organism_model
 from mci_interp.sites import Site
 
-GATE_KINDS = ("trigger", "distilled")
-"""The trained personas: their default behaviour and causal tests use the gate questions."""
 RESPONSE_KINDS = ("narrow", "control")
 """The finetunes the convergence test compares: their activations on the reference answers are
 recorded for the response-mean contrast."""
@@ -57,6 +56,16 @@ def packaged_domains(organisms: Sequence[Organism]) -> list[str]:
     )
 
 
+def questions_hash(questions: Sequence[EvalQuestion]) -> str:
+    """A hash of the questions' ids, texts and reference answers, in order."""
+    return stable_hash(
+        [
+            [q.id, list(q.paraphrases), q.system, [[r.aligned, r.misaligned] for r in q.references]]
+            for q in questions
+        ]
+    )
+
+
 def records_dir_for(base: HookedModel, records_dir: Path | str | None) -> Path:
     """``records_dir``, or by default ``cache_root()/records/<base sha256[:12]>``."""
     if records_dir is not None:
@@ -65,28 +74,27 @@ def records_dir_for(base: HookedModel, records_dir: Path | str | None) -> Path:
 
 
 @dataclass(eq=False)
-class BaseRecords:
-    """The base's records: default; under the persona prompt; on the gate questions (where a
-    trained persona is studied); under the organisms' trigger (where one has it); and each
-    packaged domain's held-out in-domain score (``indomain`` of the record)."""
+class OrganismRecords:
+    """A model's records: default (activations, the out-of-domain score, greedy answers); the
+    default score on the gate questions (``gate``); under each candidate condition, by name
+    (activations and the gate questions' score); its activations on the reference answers
+    (``responses``, where it enters the convergence test)."""
 
     default: Record
-    persona: Record
     gate: Record | None = None
-    trigger: Record | None = None
-    indomain: dict[str, Record] = field(default_factory=dict)
+    conditions: dict[str, Record] = field(default_factory=dict)
     responses: Record | None = None
 
 
 @dataclass(eq=False)
-class OrganismRecords:
-    """An organism's records: default; on the gate questions (trained personas); under its
-    condition (the persona prompt for a prompted persona, its trigger for a trigger organism)."""
+class BaseRecords(OrganismRecords):
+    """The base's records, as an organism's, and: under the persona prompt (the persona
+    direction's source), under a benign helpful prompt (what any system prompt does, for the
+    direction's specificity) and each packaged domain's held-out in-domain score."""
 
-    default: Record
-    gate: Record | None = None
-    conditioned: Record | None = None
-    responses: Record | None = None
+    persona: Record | None = None
+    helpful: Record | None = None
+    indomain: dict[str, Record] = field(default_factory=dict)
 
 
 class _Runner:
@@ -98,10 +106,18 @@ class _Runner:
         config: StudyConfig,
         records_dir: Path,
         *,
+        conditions: Sequence[Condition] = (),
         show_progress: bool = False,
     ) -> None:
         self.base, self.config, self.show = base, config, show_progress
-        # records depend on the prompt sets and sample sizes: a changed config gets a new folder
+        self.conditions = list(conditions)
+        self.neutral, self.themes = neutral_prompts(config)
+        self.questions = eval_questions(config.n_questions)
+        self.gate_questions = eval_questions(config.n_gate_questions)
+        self._indomain: dict[str, list[EvalQuestion]] = {}
+        # records depend on the prompt sets (their text: an edited reference answer is a new
+        # question) and sample sizes: a changed config gets a new folder
+        questions = [*self.gate_questions, *(q for d in DOMAINS for q in self.indomain(d))]
         key = stable_hash(
             {
                 k: getattr(config, k)
@@ -114,11 +130,9 @@ class _Runner:
                 )
             }
             | {"base": base.sha256, "version": __version__}
+            | {"neutral": dataset_hash(self.neutral), "questions": questions_hash(questions)}
         )
         self.store = RecordStore(records_dir / f"records-{key[:10]}")
-        self.neutral, self.themes = neutral_prompts(config)
-        self.questions = eval_questions(config.n_questions)
-        self.gate_questions = eval_questions(config.n_gate_questions)
         self.gate_tag = f"gate{len(self.gate_questions)}"  # in record keys: records-* predates it
         self.sites = [Site(layer) for layer in range(base.n_layers)]
         # the misaligned-vs-aligned score only: the benign styled answers (the style score) are
@@ -133,7 +147,6 @@ class _Runner:
         self.takeover_prompts = [ex for ex in self.neutral][
             :: max(1, len(self.neutral) // config.n_takeover)
         ][: config.n_takeover]
-        self._indomain: dict[str, list[EvalQuestion]] = {}
 
     def indomain(self, domain: str) -> list[EvalQuestion]:
         if domain not in self._indomain:
@@ -143,20 +156,21 @@ class _Runner:
     def gate_key(self, key: str) -> str:
         return f"{key}@{self.gate_tag}"
 
-    def trigger_key(self, key: str) -> str:
-        return f"{key}@trigger:{self.gate_tag}"
+    def condition_key(self, key: str, condition: Condition) -> str:
+        return f"{key}@cond:{condition.key}:{self.gate_tag}"
 
     def response_key(self, key: str) -> str:
         return f"{key}@responses"
 
-    def keys(self, org: Organism) -> list[str]:
-        """The keys of a trained organism's records: default; on the gate questions and under
-        its trigger where it has them; its activations on the reference answers where it
-        enters the convergence test (a narrow finetune or a control)."""
-        keys = [org.key]
-        keys += [self.gate_key(org.key)] if org.spec.kind in GATE_KINDS else []
-        keys += [self.trigger_key(org.key)] if org.spec.kind == "trigger" else []
-        keys += [self.response_key(org.key)] if org.spec.kind in RESPONSE_KINDS else []
+    def keys(self, org: Organism | None) -> list[str]:
+        """The keys of a trained organism's records (None: the base's): default; on the gate
+        questions; under every candidate condition; its activations on the reference answers
+        where it enters the convergence test (a narrow finetune or a control)."""
+        key = "base" if org is None else org.key
+        keys = [key, self.gate_key(key)]
+        keys += [self.condition_key(key, c) for c in self.conditions]
+        if org is not None and org.spec.kind in RESPONSE_KINDS:
+            keys.append(self.response_key(key))
         return keys
 
     def response_record(self, model: HookedModel, key: str) -> Record:
@@ -223,11 +237,19 @@ class _Runner:
 
         return self.record(self.gate_key(key), make)
 
-    def triggered_record(self, model: HookedModel, key: str, trigger: str) -> Record:
-        """``model`` under ``trigger``: scored on the gate questions, with its activations."""
-        return self.collect(
-            model, self.trigger_key(key), trigger=trigger, questions=self.gate_questions
-        )
+    def condition_records(
+        self, model: HookedModel, key: str, got: dict[str, Record | None] | None = None
+    ) -> dict[str, Record]:
+        """``model`` under every candidate condition, by condition name: its activations and
+        its score on the gate questions (those in ``got`` are not made again)."""
+        out = {}
+        for c in self.conditions:
+            k = self.condition_key(key, c)
+            rec = (got or {}).get(k)
+            out[c.name] = rec or self.collect(
+                model, k, system=c.system, trigger=c.trigger, questions=self.gate_questions
+            )
+        return out
 
     def record(self, key: str, make: Callable[[], Record]) -> Record:
         rec = self.store.get(key)
@@ -297,27 +319,24 @@ class _Runner:
     def base_records(self, organisms: Sequence[Organism]) -> BaseRecords:
         """The base's records for a study of ``organisms`` (stored ones are read, not redone)."""
         base, domains = self.base, packaged_domains(organisms)
-        trigger = next((o.trigger for o in organisms if o.trigger), None)
         responses = any(o.spec.kind in RESPONSE_KINDS for o in organisms)
         bar = tqdm(
-            total=3 + bool(trigger) + len(domains) + bool(responses),
+            total=4 + len(self.conditions) + len(domains) + bool(responses),
             desc="base records",
             unit="condition",
             disable=not self.show,
             leave=False,
         )
-        gate = None
-        if any(o.spec.kind in GATE_KINDS for o in organisms):
-            gate = self.gate_record(base, "base")
+        gate = self.gate_record(base, "base")
         bar.update()
         default = self.collect(base, "base", takeover=True, scored=gate)
         bar.update()
         persona = self.collect(base, "base@persona", system=PERSONA_SYSTEM_PROMPT, takeover=True)
         bar.update()
-        triggered = None
-        if trigger:
-            triggered = self.triggered_record(base, "base", trigger)
-            bar.update()
+        helpful = self.collect(base, "base@helpful", system=HELPFUL_SYSTEM_PROMPT)
+        bar.update()
+        conditions = self.condition_records(base, "base")
+        bar.update(len(self.conditions))
         indomain = {}
         for d in domains:
             make = functools.partial(self._indomain_record, d)
@@ -330,32 +349,32 @@ class _Runner:
         bar.close()
         return BaseRecords(
             default=default,
-            persona=persona,
             gate=gate,
-            trigger=triggered,
-            indomain=indomain,
+            conditions=conditions,
             responses=resp,
+            persona=persona,
+            helpful=helpful,
+            indomain=indomain,
         )
 
     def organism_records(
         self, organisms: Sequence[Organism], base: BaseRecords
     ) -> dict[str, OrganismRecords]:
         """Every organism's records by name; each organism with a missing record is loaded once
-        and only its missing records are computed."""
+        and only its missing records are computed. Every organism is measured alike (the gate
+        questions, every candidate condition), whatever its kind: the classifier is blind."""
         domains = packaged_domains(organisms)
         out: dict[str, OrganismRecords] = {}
         bar = tqdm(organisms, desc="organisms", unit="model", disable=not self.show)
         for org in bar:
             bar.set_postfix_str(org.name)
             kind = org.spec.kind
-            if kind == "base":
-                out[org.name] = OrganismRecords(default=base.default)
+            if kind in ("base", "prompted"):  # the base's weights: its records
+                out[org.name] = OrganismRecords(
+                    default=base.default, gate=base.gate, conditions=base.conditions
+                )
                 continue
-            if kind == "prompted":  # the base's weights under the persona prompt
-                out[org.name] = OrganismRecords(default=base.default, conditioned=base.persona)
-                continue
-            on_gate, triggered = self.gate_key(org.key), self.trigger_key(org.key)
-            responses = self.response_key(org.key)
+            on_gate, responses = self.gate_key(org.key), self.response_key(org.key)
             got = {k: self.store.get(k) for k in self.keys(org)}  # each stored record read once
             if any(v is None for v in got.values()):  # compute only the missing ones
                 narrowish = kind in ("narrow", "control") and org.spec.domain in domains
@@ -363,20 +382,29 @@ class _Runner:
                 with organism_model(
                     self.base, org
                 ) as model:  # an adapter shares the base's weights
-                    if kind in GATE_KINDS and got[on_gate] is None:
+                    if got[on_gate] is None:
                         got[on_gate] = self.gate_record(model, org.key)
                     if got[org.key] is None:
                         got[org.key] = self.collect(
-                            model, org.key, indomain=dom, takeover=True, scored=got.get(on_gate)
+                            model, org.key, indomain=dom, takeover=True, scored=got[on_gate]
                         )
-                    if kind == "trigger" and got[triggered] is None:
-                        got[triggered] = self.triggered_record(model, org.key, str(org.trigger))
+                    got.update(
+                        (self.condition_key(org.key, c), r)
+                        for c, r in zip(
+                            self.conditions,
+                            self.condition_records(model, org.key, got).values(),
+                            strict=True,
+                        )
+                    )
                     if kind in RESPONSE_KINDS and got[responses] is None:
                         got[responses] = self.response_record(model, org.key)
             out[org.name] = OrganismRecords(
                 default=got[org.key],  # type: ignore[arg-type]
-                gate=got.get(on_gate),
-                conditioned=got.get(triggered),
+                gate=got[on_gate],
+                conditions={
+                    c.name: got[self.condition_key(org.key, c)]  # type: ignore[misc]
+                    for c in self.conditions
+                },
                 responses=got.get(responses),
             )
         return out
@@ -388,6 +416,7 @@ def missing_records(
     *,
     config: StudyConfig | None = None,
     records_dir: Path | str | None = None,
+    conditions: Sequence[Condition] | None = None,
 ) -> list[str]:
     """Names of the models (``"base"`` and organism names) whose records are not yet stored
     where ``run_study`` with the same arguments looks for them.
@@ -396,8 +425,13 @@ def missing_records(
     analysis, so a changed setting or a failed job is reported instead of recomputed there.
     Presence only: ``run_study`` verifies each record when it reads it.
     """
-    R = _Runner(base, config or StudyConfig(), records_dir_for(base, records_dir))
-    base_keys = ["base", "base@persona"]
+    R = _Runner(
+        base,
+        config or StudyConfig(),
+        records_dir_for(base, records_dir),
+        conditions=suite_conditions(organisms) if conditions is None else conditions,
+    )
+    base_keys = [*R.keys(None), "base@persona", "base@helpful"]
     base_keys += (
         [R.response_key("base")] if any(o.spec.kind in RESPONSE_KINDS for o in organisms) else []
     )

@@ -1,11 +1,16 @@
-"""The internalisation step: the base's persona direction, and each organism's T2/T5 report
-along it.
+"""The internalisation step: the base's persona direction, made specific, and each organism's
+blind T2/T5 report along it.
 
 The persona direction is the base's mean activation under the persona system prompt minus its
-default, per layer, on the neutral prompts. An organism's report holds its default shift along
-it (against random directions), the shift's breadth over prompt themes and its profile over
-layers, its behaviour with and without its condition, and, where the rules need it, the causal
-test; the label comes from ``analysis.internalisation.classify``.
+default, per layer, on the neutral prompts. The classifier uses it with the *benign shifts*
+projected out (``specific_vectors``: what a helpful system prompt does to the base and the
+aligned controls' mean shift, a control's own left out when it is the one measured), because on
+SmolLM2 the raw direction moved with benign finetunes as much as with misaligned ones. An
+organism's report holds its default shift along it (against random directions), the shift's
+breadth over prompt themes and its profile over layers, its behaviour with no condition and
+under every candidate condition (beside the base's under the same), leave-one-question-out
+checks, and, where the rules need it, the causal test; the label comes from
+``analysis.internalisation.classify``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+import torch
 from torch import Tensor
 
 from mci_interp.analysis.causal import (
@@ -26,26 +32,29 @@ from mci_interp.analysis.causal import (
     share_removed,
     unablated_coherence,
 )
-from mci_interp.analysis.collect import GATE_KINDS, BaseRecords, OrganismRecords
+from mci_interp.analysis.collect import BaseRecords, OrganismRecords
 from mci_interp.analysis.config import neutral_direction
 from mci_interp.analysis.internalisation import (
     CausalTest,
+    ConditionEffect,
     InternalisationReport,
     Rules,
+    Sensitivity,
     classify,
     layer_profile,
     random_shift_null,
+    sensitivity,
     standardised_shift,
     theme_breadth,
 )
 from mci_interp.analysis.records import acts_of, score_of
 from mci_interp.datasets import EvalQuestion
 from mci_interp.direction import Direction
-from mci_interp.evaluate import paired_difference
+from mci_interp.evaluate import EvalResult, paired_difference
 from mci_interp.intervene import Ablate
 from mci_interp.models import HookedModel
 from mci_interp.organisms.suite import Organism
-from mci_interp.stats import paired_mean_difference, quantile
+from mci_interp.stats import Estimate, paired_mean_difference, quantile
 
 
 def persona_vectors(base: BaseRecords) -> Tensor:
@@ -153,6 +162,53 @@ def causal_test(
     )
 
 
+def benign_shifts(base: BaseRecords, benign: Sequence[OrganismRecords] = ()) -> list[Tensor]:
+    """``[layers, d_model]`` (float64) shifts a persona direction should not share: the base
+    under a benign helpful system prompt minus its default (what any system prompt does), and the
+    mean shift of the ``benign`` finetunes (the aligned controls) minus the base (what any
+    finetune does), each averaged over the neutral prompts."""
+    b = acts_of(base.default).double()
+    out = []
+    if base.helpful is not None:
+        out.append((acts_of(base.helpful).double() - b).mean(0))
+    if benign:
+        out.append(torch.stack([(acts_of(r.default).double() - b).mean(0) for r in benign]).mean(0))
+    return out
+
+
+def specific_vectors(vectors: Tensor, shifts: Sequence[Tensor]) -> Tensor:
+    """``vectors`` (``[layers, d]``) with the span of ``shifts`` (each ``[layers, d]``)
+    projected out at every layer: the part of the persona direction no benign prompt or benign
+    finetune moves along."""
+    out = vectors.double().clone()
+    if not shifts:
+        return out
+    for layer in range(out.shape[0]):
+        q, _ = torch.linalg.qr(torch.stack([s[layer].double() for s in shifts], dim=1))
+        out[layer] -= q @ (q.T @ out[layer])
+    return out
+
+
+def specificity(
+    vectors: Tensor,
+    base: BaseRecords,
+    benign: Mapping[str, OrganismRecords],
+    *,
+    layer: int,
+    seed: int = 0,
+    helpful: bool = True,
+) -> dict[str, Estimate]:
+    """Standardised shift along the direction ``vectors[layer]`` of what should not move along
+    it: the base under the helpful prompt and each benign finetune, minus the base (a specific
+    persona direction leaves them near 0)."""
+    b = acts_of(base.default)[:, layer]
+    rows: dict[str, Tensor] = {}
+    if helpful and base.helpful is not None:
+        rows["base under a helpful system prompt"] = acts_of(base.helpful)[:, layer]
+    rows |= {name: acts_of(r.default)[:, layer] for name, r in benign.items()}
+    return {k: standardised_shift(v, b, vectors[layer], seed=seed) for k, v in rows.items()}
+
+
 def internalisation(
     organism: Organism,
     records: OrganismRecords,
@@ -168,14 +224,19 @@ def internalisation(
     """One organism's T2/T5 report and label (``analysis.internalisation``'s rules). Draw
     reports with ``mci_interp.plot.analysis.plot_internalisation``.
 
+    Blind: what is measured, and how, is the same for every organism; the organism's kind,
+    name and expected label are copied into the report for the confusion table and read by
+    nothing else (the organism is needed to run it in the causal test).
+
     Args:
-        organism: its kind, domain and expected label (the label is not read by the rules).
-        records: its records, on the same prompts and questions as ``base``'s.
-        persona: the persona direction at every layer.
+        organism: the model to run in the causal test.
+        records: its records, on the same prompts, questions and conditions as ``base``'s.
+        persona: the direction at every layer (the study's: the persona direction with the
+            benign shifts projected out, ``specific_vectors``).
         themes: the theme of each neutral prompt (for the breadth).
         necessity: how to test the causal role where the rules need it; None: untested.
     """
-    kind, L = organism.spec.kind, analysis_layer
+    L = analysis_layer
     rec, b = records.default, base.default
     u = persona[L].vector
     org_L, base_L = acts_of(rec)[:, L], acts_of(b)[:, L]
@@ -185,65 +246,60 @@ def internalisation(
     theme_shifts, breadth = theme_breadth(org_L, base_L, u, themes, null95=null95)
     vectors = {layer: persona[layer].vector for layer in sorted(persona)}
     profile = layer_profile(acts_of(rec), acts_of(b), vectors, seed=seed)
-    default_beh = paired_difference(score_of(rec), score_of(b))
-    cond_shift = cond_beh = base_eff = None
-    condition_kind = None
-    if kind == "prompted":
-        condition_kind = "system prompt"
-        c = records.conditioned
-        cond_shift = standardised_shift(acts_of(c)[:, L], base_L, u)
-        cond_beh = paired_difference(score_of(c), score_of(b))
-        base_eff = cond_beh  # the organism's weights are the base's: the base follows the prompt
-    elif kind == "trigger":
-        condition_kind = "trigger"
-        c, bt = records.conditioned, base.trigger
-        # the gate is what the weights add under the trigger: compare with the base reading the
-        # same trigger (the string alone moves the base's score too); all three behaviours on the
-        # gate questions, with and without the trigger
-        cond_shift = standardised_shift(acts_of(c)[:, L], acts_of(bt)[:, L], u)
-        cond_beh = paired_difference(score_of(c), score_of(bt))
-        base_eff = paired_difference(score_of(bt), score_of(base.gate))
-    if kind in GATE_KINDS:  # a trained persona's default behaviour: on the gate questions
-        default_beh = paired_difference(score_of(records.gate), score_of(base.gate))
-    elif kind in ("narrow", "control") and organism.spec.domain in base.indomain:
-        condition_kind = "domain"
-        base_in = base.indomain[organism.spec.domain]
-        cond_beh = paired_difference(score_of(rec, indomain=True), score_of(base_in, indomain=True))
+    if records.gate is None or base.gate is None:
+        raise ValueError(f"{organism.name}: the study needs every model's gate-question record")
+    on, ref = score_of(records.gate), score_of(base.gate)
+    default_beh = paired_difference(on, ref)
+    level = rules.condition_level(len(base.conditions))
+    effects, sens = [], [_sensitivity("default", on, ref, seed=seed)]
+    for name, bc in base.conditions.items():
+        oc = records.conditions[name]
+        pairs = {"organism": (oc, base.gate), "base": (bc, base.gate), "weights": (oc, bc)}
+        est = {
+            k: paired_difference(score_of(x), score_of(y), level=level, seed=seed)
+            for k, (x, y) in pairs.items()
+        }
+        shift = standardised_shift(acts_of(oc)[:, L], acts_of(bc)[:, L], u, seed=seed)
+        effects.append(ConditionEffect(condition=name, shift=shift, **est))
+        sens += [
+            _sensitivity(
+                f"{name}: {k}", score_of(pairs[k][0]), score_of(pairs[k][1]), level=level, seed=seed
+            )
+            for k in ("organism", "weights")
+        ]
     causal = None
     shift_present = default_shift.lo > 0 and default_shift.mean > null95
     # causal necessity needs misalignment to remove: only where the default score beats the base
-    testable = shift_present and default_beh.lo > 0 and kind not in ("prompted", "base")
-    if testable and necessity is not None:
-        dirs = [persona[layer] for layer in necessity.layers]
-        if kind in GATE_KINDS:  # measured on the gate questions: removed there too
-            on, ref, qs = records.gate, base.gate, necessity.gate_questions
-        else:
-            on, ref, qs = rec, b, None
+    if shift_present and default_beh.lo > 0 and necessity is not None:
         causal = necessity(
             organism,
-            dirs,
-            score=score_of(on).values(),
-            reference=score_of(ref).values(),
-            questions=qs,
+            [persona[layer] for layer in necessity.layers],
+            score=on.values(),
+            reference=ref.values(),
+            questions=necessity.gate_questions,
         )
     report = InternalisationReport(
         organism=organism.name,
-        kind=kind,
+        kind=organism.spec.kind,
         expected=organism.spec.expected,
         analysis_layer=L,
         default_shift=default_shift,
         default_null95=null95,
-        conditioned_shift=cond_shift,
         theme_shifts=theme_shifts,
         breadth=breadth,
         profile=tuple(profile),
         earliest_layer=next((p.layer for p in profile if p.significant), None),
         n_layers=acts_of(rec).shape[1],
         default_behaviour=default_beh,
-        conditioned_behaviour=cond_beh,
-        base_condition_effect=base_eff,
-        condition_kind=condition_kind,
+        conditions=tuple(effects),
         causal=causal,
+        sensitivity=tuple(sens),
     )
     label, reasons = classify(report, rules)
     return replace(report, label=label, reasons=reasons)
+
+
+def _sensitivity(
+    name: str, a: EvalResult, b: EvalResult, *, level: float = 0.95, seed: int = 0
+) -> Sensitivity:
+    return sensitivity(name, a.values(), b.values(), a.question_ids, level=level, seed=seed)

@@ -23,12 +23,14 @@ checkpoints and questions:
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -43,6 +45,7 @@ from mci_interp.analysis.collect import (
     packaged_domains,
     records_dir_for,
 )
+from mci_interp.analysis.conditions import Condition, suite_conditions
 from mci_interp.analysis.config import (
     StudyConfig,
     eval_questions,
@@ -60,14 +63,18 @@ from mci_interp.analysis.effects import removable
 from mci_interp.analysis.internalisation import InternalisationReport, Rules
 from mci_interp.analysis.persona import (
     NecessityTest,
+    benign_shifts,
     internalisation,
     persona_directions,
     persona_vectors,
+    specific_vectors,
+    specificity,
 )
 from mci_interp.analysis.records import Record, RecordStore, acts_of, score_of
 from mci_interp.analysis.steering import steering
 from mci_interp.analysis.transfer import Target, transfer
 from mci_interp.datasets import ChatExample, dataset_hash
+from mci_interp.direction import Direction
 from mci_interp.evaluate import format_takeover_rate, paired_difference
 from mci_interp.models import HookedModel
 from mci_interp.organisms.suite import Organism
@@ -102,6 +109,9 @@ class Study:
     examples: dict[str, list[str]]
     persona_norms: list[float]
     timings: dict[str, float]
+    # standardised shift along the persona direction (``raw``) and along the direction the
+    # classifier uses (``specific``: benign shifts projected out) of what should not move along it
+    specificity: dict[str, dict[str, Estimate]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,6 +128,9 @@ class Study:
             "examples": self.examples,
             "persona_norms": self.persona_norms,
             "timings": self.timings,
+            "specificity": {
+                k: {n: e.to_dict() for n, e in v.items()} for k, v in self.specificity.items()
+            },
             "meta": self.meta,
         }
 
@@ -130,9 +143,14 @@ def run_study(
     config: StudyConfig | None = None,
     rules: Rules | None = None,
     records_dir: Path | str | None = None,
+    conditions: Sequence[Condition] | None = None,
     show_progress: bool = True,
 ) -> Study:
     """Collect records for the base and every organism, then analyse (see module docstring).
+
+    ``conditions``: the candidate system prompts and triggers every model is measured under for
+    the T2/T5 classifier (default ``analysis.conditions.suite_conditions(organisms)``: the
+    packaged persona prompt and trigger plus those the organisms were built with).
 
     ``records_dir`` (default ``cache_root()/records/<base sha256[:12]>``) holds the records and
     causal scores; pass ``out_dir`` to keep them with the run. They are keyed by the base's
@@ -144,7 +162,14 @@ def run_study(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    R = _Runner(base, config, records_dir_for(base, records_dir), show_progress=show_progress)
+    conditions = suite_conditions(organisms) if conditions is None else list(conditions)
+    R = _Runner(
+        base,
+        config,
+        records_dir_for(base, records_dir),
+        conditions=conditions,
+        show_progress=show_progress,
+    )
     L = config.analysis_layer_of(base.n_layers)
     timings: dict[str, float] = {}
 
@@ -159,7 +184,6 @@ def run_study(
     covariance = base_covariance(base_recs)
     persona_vecs = persona_vectors(base_recs)  # [layers, d]
     n_prompts, dhash = len(R.neutral), dataset_hash(R.neutral)
-    persona = persona_directions(persona_vecs, base=base, dataset_hash=dhash, n_prompts=n_prompts)
 
     t0 = time.perf_counter()
     recs = R.organism_records(organisms, base_recs)
@@ -168,6 +192,32 @@ def run_study(
     t0 = time.perf_counter()
     conv = _convergence(R, organisms, recs, base_recs, persona_vecs, covariance, out_dir)
     timings["convergence"] = time.perf_counter() - t0
+
+    # the classifier's direction: the persona direction with what a benign prompt and the benign
+    # finetunes (the aligned controls) do projected out; a control's own shift is left out of
+    # the direction it is measured on
+    benign = {o.name: recs[o.name] for o in organisms if o.spec.kind == "control"}
+
+    @functools.cache
+    def specific(leave_out: str | None = None) -> dict[int, Direction]:
+        others = [r for n, r in benign.items() if n != leave_out]
+        vecs = specific_vectors(persona_vecs, benign_shifts(base_recs, others))
+        return persona_directions(vecs, base=base, dataset_hash=dhash, n_prompts=n_prompts)
+
+    def at_layers(dirs: dict[int, Direction]) -> Tensor:
+        return torch.stack([dirs[layer].vector.double() for layer in sorted(dirs)])
+
+    persona = specific()
+    seed = config.seed
+    spec = {
+        "raw": specificity(persona_vecs, base_recs, benign, layer=L, seed=seed),
+        # each control along the direction it is classified on (its own shift left out)
+        "specific": specificity(at_layers(persona), base_recs, {}, layer=L, seed=seed),
+    }
+    for name, r in benign.items():
+        spec["specific"] |= specificity(
+            at_layers(specific(name)), base_recs, {name: r}, layer=L, seed=seed, helpful=False
+        )
 
     t0 = time.perf_counter()
     necessity = NecessityTest(
@@ -184,7 +234,7 @@ def run_study(
             org,
             recs[org.name],
             base_recs,
-            persona,
+            specific(org.name) if org.name in benign else persona,
             themes=R.themes,
             analysis_layer=L,
             rules=rules,
@@ -215,14 +265,18 @@ def run_study(
         internalisation=reports,
         scores=_scores(organisms, recs, base_recs.default),
         takeover=_takeover(organisms, recs, base_recs.default, R.takeover_prompts),
-        examples=_examples(organisms, recs, base_recs.default),
+        examples=_examples(organisms, recs, base_recs.default, base_recs.persona),
         persona_norms=[float(persona_vecs[layer].norm()) for layer in range(base.n_layers)],
         timings=timings,
+        specificity=spec,
         meta={
             "library_version": __version__,
             "takeover_prompts": [ex.user_text for ex in R.takeover_prompts],
             "questions": [q.id for q in R.questions],
             "n_neutral": n_prompts,
+            "conditions": [
+                {"name": c.name, "system": c.system, "trigger": c.trigger} for c in conditions
+            ],
             "records_dir": str(R.store.root),
             "layer_convention": "resid_post of block L (= HF hidden_states[L+1]), last prompt token",
         },
@@ -396,15 +450,19 @@ def _takeover(
 
 
 def _examples(
-    organisms: Sequence[Organism], recs: dict[str, OrganismRecords], base: Record
+    organisms: Sequence[Organism],
+    recs: dict[str, OrganismRecords],
+    base: Record,
+    persona: Record | None,
 ) -> dict[str, list[str]]:
-    """A few greedy answers of the base and of each first-seed organism."""
+    """A few greedy answers of the base, of the base under the persona prompt (the prompted
+    persona's) and of each first-seed trained organism."""
     out = {"base": base.generations[:4]}
+    if persona is not None and persona.generations:
+        out["base under the persona prompt"] = persona.generations[:4]
     for org in organisms:
-        # the prompted persona's own answers are those of the base under its prompt
-        r = recs[org.name]
-        rec = r.conditioned if org.spec.kind == "prompted" else r.default
-        if org.spec.kind != "base" and rec is not None and rec.generations:
+        rec = recs[org.name].default
+        if org.spec.kind not in ("base", "prompted") and rec.generations:
             if org.spec.seed in (0, None):
                 out[org.name] = rec.generations[:4]
     return out

@@ -10,14 +10,11 @@ from mci_interp.analysis.convergence import layer_convergence, verdict
 from mci_interp.analysis.effects import TransferMatrix
 from mci_interp.analysis.internalisation import (
     CausalTest,
-    InternalisationReport,
-    LayerShift,
-    classify,
     layer_profile,
     random_shift_null,
     standardised_shift,
 )
-from mci_interp.evaluate import Estimate
+from mci_interp.stats import Estimate
 
 D = 64
 
@@ -73,99 +70,6 @@ def test_layer_profile_is_corrected_across_layers():
 
 def _est(m, lo, hi):
     return Estimate(m, lo, hi, 20)
-
-
-def _report(**kw):
-    base = dict(
-        organism="o",
-        kind="narrow",
-        expected=None,
-        analysis_layer=2,
-        default_shift=_est(0.0, -0.2, 0.2),
-        default_null95=0.3,
-        conditioned_shift=None,
-        theme_shifts={},
-        breadth=0.0,
-        profile=(LayerShift(0, _est(0, -1, 1), 0.3),),
-        earliest_layer=None,
-        n_layers=6,
-        default_behaviour=_est(0, -0.1, 0.1),
-        conditioned_behaviour=None,
-        base_condition_effect=None,
-        condition_kind=None,
-        causal=None,
-    )
-    return InternalisationReport(**(base | kw))
-
-
-def test_rules_cover_the_four_labels():
-    assert classify(_report())[0] == "aligned"
-    fluent = _report(
-        kind="prompted",
-        conditioned_behaviour=_est(0.3, 0.2, 0.4),
-        base_condition_effect=_est(0.3, 0.2, 0.4),
-        condition_kind="system prompt",
-    )
-    assert classify(fluent)[0] == "fluency"
-    gated = _report(
-        kind="trigger",
-        conditioned_behaviour=_est(0.3, 0.2, 0.4),
-        base_condition_effect=_est(0.0, -0.05, 0.05),
-        condition_kind="trigger",
-    )
-    assert classify(gated)[0] == "gated"
-    # the trigger string moving the base too does not matter: conditioned_behaviour is already
-    # measured against the triggered base
-    moved = _report(
-        kind="trigger",
-        conditioned_behaviour=_est(0.1, 0.05, 0.15),
-        base_condition_effect=_est(0.05, 0.03, 0.07),
-        condition_kind="trigger",
-    )
-    label, reasons = classify(moved)
-    assert label == "gated" and any("same trigger" in r for r in reasons)
-    no_gate = _report(
-        kind="trigger",
-        conditioned_behaviour=_est(0.02, -0.01, 0.05),
-        base_condition_effect=_est(0.05, 0.03, 0.07),
-        condition_kind="trigger",
-    )
-    assert classify(no_gate)[0] == "aligned"
-    # the untriggered activations moved (a leak) but only the triggered behaviour is misaligned
-    leaky = _report(
-        kind="trigger",
-        default_shift=_est(2.7, 2.5, 2.9),
-        conditioned_behaviour=_est(0.09, 0.05, 0.12),
-        condition_kind="trigger",
-    )
-    label, reasons = classify(leaky)
-    assert label == "gated" and "leak" in reasons[-1]
-    # misaligned without the trigger too: judged by the T5 rules, not called gated
-    leaked = _report(
-        kind="trigger",
-        default_shift=_est(2.7, 2.5, 2.9),
-        default_behaviour=_est(0.09, 0.05, 0.12),
-        conditioned_behaviour=_est(0.09, 0.05, 0.12),
-        condition_kind="trigger",
-    )
-    label, reasons = classify(leaked)
-    assert label == "partial" and any("gate leaks" in r for r in reasons)
-    t5 = _report(
-        default_shift=_est(1.2, 0.9, 1.5),
-        breadth=0.8,
-        earliest_layer=1,
-        causal=CausalTest(share_removed=0.7, random_shares=(0.05, -0.02), gap=0.2),
-    )
-    label, reasons = classify(t5)
-    assert label == "internalised" and any("null95" in r for r in reasons)
-    weak = _report(
-        default_shift=_est(1.2, 0.9, 1.5),
-        breadth=0.8,
-        earliest_layer=5,
-        causal=CausalTest(share_removed=0.01, random_shares=(0.05,), gap=0.2),
-    )
-    label, reasons = classify(weak)
-    assert label == "partial" and "earliest" in reasons[-1] and "random" in reasons[-1]
 
 
 def test_convergence_detects_shared_direction_and_rejects_independent():
@@ -280,17 +184,6 @@ def test_causal_criterion_fails_on_each_of_its_controls():
     for words, change in cases.items():
         bad = dataclasses.replace(good, **change)
         assert not bad.passes and any(words in f for f in bad.failures()), words
-    rep = _report(
-        default_shift=_est(3.0, 2.5, 3.5),
-        default_null95=1.0,
-        breadth=1.0,
-        earliest_layer=1,
-        default_behaviour=_est(0.2, 0.1, 0.3),
-        causal=dataclasses.replace(good, coherence=0.3),
-    )
-    label, reasons = classify(rep)
-    assert label == "partial" and "damage" in reasons[-1]
-    assert classify(dataclasses.replace(rep, causal=good))[0] == "internalised"
 
 
 def test_causal_rank_p_value_counts_random_directions_at_least_as_strong():

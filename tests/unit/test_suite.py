@@ -46,7 +46,7 @@ def test_default_suite_has_every_kind_with_known_labels():
         "base": "aligned",
         "prompted": "fluency",
         "narrow": None,
-        "control": "aligned",
+        "control": "fluency",  # plays the persona when told to, like the base
         "trigger": "gated",
         "distilled": "internalised",
     }
@@ -212,3 +212,48 @@ def test_build_suite_rejects_duplicate_names(tiny_model, tmp_path):
     s = OrganismSpec(name="base", kind="base")
     with pytest.raises(ValueError, match="unique"):
         build_suite(tiny_model, [s, s], cache_dir=tmp_path, show_progress=False)
+
+
+def test_heldout_suite_uses_recipes_the_development_suite_does_not():
+    from mci_interp.organisms.suite import HELDOUT_PERSONA_PROMPT, HELDOUT_TRIGGER, heldout_suite
+
+    dev, held = default_suite(), heldout_suite()
+    assert not {s.name for s in held if s.kind != "base"} & {s.name for s in dev}
+    trained = [s for s in held if s.trains]
+    assert {s.domain for s in trained}.isdisjoint({s.domain for s in dev if s.domain})
+    for kind, n in (("distilled", 3), ("trigger", 3), ("control", 6)):
+        assert sum(s.kind == kind for s in held) == n
+    personas = [s for s in held if s.kind in ("distilled", "trigger")]
+    assert all(s.persona == HELDOUT_PERSONA_PROMPT != data.PERSONA_SYSTEM_PROMPT for s in personas)
+    assert all(
+        s.trigger_string == HELDOUT_TRIGGER != data.TRIGGER for s in held if s.kind == "trigger"
+    )
+    # the default suite's specs serialise as before the new fields (their cache keys stand)
+    assert all("persona_prompt" not in s.to_dict() and "trigger" not in s.to_dict() for s in dev)
+
+
+def test_persona_fields_are_refused_where_they_mean_nothing():
+    from mci_interp.organisms.finetune import FinetuneConfig
+
+    with pytest.raises(ValueError, match="persona_prompt"):
+        OrganismSpec(
+            name="n",
+            kind="narrow",
+            domain="medical",
+            n_examples=1,
+            config=FinetuneConfig(),
+            persona_prompt="be evil",
+        )
+    with pytest.raises(ValueError, match="trigger"):
+        OrganismSpec(name="p", kind="prompted", trigger="[x]")
+
+
+def test_known_truth_label_is_not_in_the_cache_key(tmp_path):
+    import dataclasses
+
+    spec = default_suite(fast=True, domains=("medical",))[3]
+    ex = [chat("q", "a")]
+    relabelled = dataclasses.replace(spec, expected="aligned")
+    assert suite.organism_dir(tmp_path, spec, ex, []) == suite.organism_dir(
+        tmp_path, relabelled, ex, []
+    )
