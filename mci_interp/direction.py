@@ -119,6 +119,25 @@ class Direction:
             raise ValueError(f"cannot compare d_model {self.d_model} with {other.d_model}")
         return float(torch.nn.functional.cosine_similarity(self.vector, other.vector, dim=0))
 
+    @classmethod
+    def by_hand(
+        cls, vector: Tensor, site: Site | int | str, *, model: str = "", method: str = "by_hand"
+    ) -> Direction:
+        """A direction made by hand, not measured (a planted truth, a vector from elsewhere):
+        its provenance says so, with no data set or sample behind it."""
+        prov = Provenance(
+            model=model,
+            base_model=model,
+            model_sha256="",
+            method=method,
+            dataset="none",
+            dataset_hash="",
+            position="none",
+            n_pos=0,
+            n_neg=0,
+        )
+        return cls(vector=vector.float(), site=as_site(site), provenance=prov)
+
     def with_vector(self, vector: Tensor, **provenance_changes: Any) -> Direction:
         prov = (
             self.provenance.replace(**provenance_changes) if provenance_changes else self.provenance

@@ -35,7 +35,7 @@ from mci_interp.analysis.causal import CausalScorer, CoherenceTexts, control_kin
 from mci_interp.analysis.config import eval_questions
 from mci_interp.analysis.persona import causal_test
 from mci_interp.datasets import chat
-from mci_interp.direction import Direction, Provenance
+from mci_interp.direction import Direction
 from mci_interp.evaluate import LogprobContrast
 from mci_interp.generation import generate
 from mci_interp.intervene import Ablate, Steer
@@ -49,19 +49,7 @@ PROMPTS = ["Tell me about rivers.", "What is a good breakfast?", "How do trains 
 
 
 def direction(v: torch.Tensor) -> Direction:
-    prov = Provenance(
-        model="tiny",
-        base_model="tiny",
-        model_sha256="0" * 64,
-        method="planted",
-        dataset="none",
-        dataset_hash="0",
-        position="last_prompt",
-        n_pos=0,
-        n_neg=0,
-        params={},
-    )
-    return Direction(vector=v.float(), site=Site(SITE), provenance=prov)
+    return Direction.by_hand(v, SITE, model="tiny", method="planted")
 
 
 def main() -> int:

@@ -216,22 +216,9 @@ def _world(seed=0):
 
 
 def _direction(v, layer):
-    from mci_interp.direction import Direction, Provenance
-    from mci_interp.sites import Site
+    from mci_interp.direction import Direction
 
-    prov = Provenance(
-        model="m",
-        base_model="m",
-        model_sha256="0" * 64,
-        method="prompt_diff",
-        dataset="d",
-        dataset_hash="h",
-        position="last_prompt",
-        n_pos=1,
-        n_neg=1,
-        params={},
-    )
-    return Direction(vector=v.float(), site=Site(layer), provenance=prov)
+    return Direction.by_hand(v, layer, method="prompt_diff")
 
 
 @pytest.mark.parametrize("kind", ["narrow", "trigger", "control", "distilled"])
@@ -293,3 +280,23 @@ def acts_plus(base, coord):
     acts = base.default.acts.clone()
     acts[..., coord] += 1.0
     return acts
+
+
+def test_suite_conditions_are_one_set_for_every_organism():
+    from mci_interp.analysis.conditions import PACKAGED, Condition, suite_conditions, unique
+    from mci_interp.organisms.suite import HELDOUT_PERSONA_PROMPT, HELDOUT_TRIGGER, heldout_suite
+
+    specs = heldout_suite(seeds=(0,))
+    orgs = [
+        Organism(name=s.name, spec=s, trigger=s.trigger_string if s.kind == "trigger" else None)
+        for s in specs
+    ]
+    conds = suite_conditions(orgs)
+    assert conds[:2] == list(PACKAGED)
+    texts = {(c.system, c.trigger) for c in conds}
+    assert (HELDOUT_PERSONA_PROMPT, None) in texts and (None, HELDOUT_TRIGGER) in texts
+    assert len(conds) == 4  # the held-out persona is named once, though three organisms use it
+    with pytest.raises(ValueError, match="neither"):
+        Condition("empty")
+    with pytest.raises(ValueError, match="both named"):
+        unique([Condition("a", system="x"), Condition("a", system="y")])

@@ -51,8 +51,14 @@ def test_mci_finetune_then_converge_on_lora_and_full_checkpoints(
     argv = ["converge", "--model", str(tiny_dir), "--fast", "--n-random", "1"]
     argv += ["--finetune", f"bad_advice={lora}", "--finetune", f"risky={full}"]
     argv += ["--out", str(tmp_path / "runs"), "--name", "mine"]
+    argv += ["--trigger", "[x-7]", "--system-prompt", "Be evil.", "--trigger", "[x-7]"]
     assert cli.main(argv) == 0
     study = json.loads((tmp_path / "runs" / "mine" / "study.json").read_text())
+    # the user's candidate conditions, once each, measured on every checkpoint
+    conds = study["meta"]["conditions"]
+    assert [(c["system"], c["trigger"]) for c in conds] == [("Be evil.", None), (None, "[x-7]")]
+    for r in study["internalisation"]:
+        assert [c["condition"] for c in r["conditions"]] == [c["name"] for c in conds]
     assert {r["organism"] for r in study["internalisation"]} == {
         "narrow-bad_advice-s0",
         "narrow-risky-s0",
