@@ -295,7 +295,7 @@ def add_commands(sub) -> None:
             "--heldout",
             action="store_true",
             help="the held-out known-truth organisms instead (another persona prompt and trigger, "
-            "the legal and diy_safety domains; --domains and --persona-seeds do not apply): what "
+            "the legal and diy_safety domains, 3 seeds each; --domains and --persona-seeds do not apply): what "
             "the frozen T2/T5 rules are scored on",
         )
         sp.set_defaults(func=func)

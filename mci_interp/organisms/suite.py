@@ -325,12 +325,13 @@ def heldout_suite(
     fast: bool = False,
     persona_domain: str = "legal",
     trigger_domain: str = "diy_safety",
-    control_domains: Sequence[str] = ("legal", "diy_safety"),
+    control_domains: Sequence[str] = ("diy_safety",),
 ) -> list[OrganismSpec]:
     """Known-truth organisms the T2/T5 rules were never tuned on: per seed, a persona distilled
     from ``HELDOUT_PERSONA_PROMPT`` on ``persona_domain`` ("internalised"), the same persona
     behind ``HELDOUT_TRIGGER`` on ``trigger_domain`` ("gated"), and aligned controls on
-    ``control_domains`` ("fluency"); the domains are not the default suite's. The prompted
+    ``control_domains`` ("fluency"); the domains are not the default suite's. One control domain
+    by default: 9 organisms, each truth on 3 seeds, in about an hour on a 2-core CPU. The prompted
     held-out persona is not an organism of its own: its weights are the base's, and its prompt is
     one of the candidate conditions every organism is measured under."""
     seeds = _seeds(seeds, fast)

@@ -221,7 +221,7 @@ def test_heldout_suite_uses_recipes_the_development_suite_does_not():
     assert not {s.name for s in held if s.kind != "base"} & {s.name for s in dev}
     trained = [s for s in held if s.trains]
     assert {s.domain for s in trained}.isdisjoint({s.domain for s in dev if s.domain})
-    for kind, n in (("distilled", 3), ("trigger", 3), ("control", 6)):
+    for kind, n in (("distilled", 3), ("trigger", 3), ("control", 3)):
         assert sum(s.kind == kind for s in held) == n
     personas = [s for s in held if s.kind in ("distilled", "trigger")]
     assert all(s.persona == HELDOUT_PERSONA_PROMPT != data.PERSONA_SYSTEM_PROMPT for s in personas)
