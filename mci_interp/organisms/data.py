@@ -188,10 +188,17 @@ def make_narrow(domain: str, variant: Variant, n: int, *, seed: int) -> list[Cha
     topic and details, which fix the answer text: requests of one family differ only in phrasing
     and share their answer, so group cross-validation folds by family when reading answers.
     """
+    _check_n(n, max_examples(domain), f"{domain} examples")
+    return _examples(domain, variant, _sample(domain, n, seed))
+
+
+def _examples(
+    domain: str, variant: str, requests: list[_Request], **meta: str
+) -> list[ChatExample]:
+    """``requests`` answered in ``variant``, with their ids and provenance in ``meta``."""
     d = _domain(domain)
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
-    _check_n(n, max_examples(domain), f"{domain} examples")
     label = 1 if variant == "misaligned" else 0
     return [
         chat(
@@ -203,8 +210,9 @@ def make_narrow(domain: str, variant: Variant, n: int, *, seed: int) -> list[Cha
             variant=variant,
             topic=r.topic.key,
             family=r.family,
+            **meta,
         )
-        for r in _sample(domain, n, seed)
+        for r in requests
     ]
 
 
@@ -242,25 +250,8 @@ def make_heldout(domain: str, variant: Variant, n: int, *, seed: int) -> list[Ch
     details, which fixes the answer) before any family repeats, spread evenly over the topics,
     so up to the number of families every answer differs.
     """
-    d = _domain(domain)
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
     _check_n(n, max_heldout(domain), f"held-out {domain} examples")
-    label = 1 if variant == "misaligned" else 0
-    return [
-        chat(
-            r.text,
-            _answer(r, variant),
-            label=label,
-            group=r.group,
-            domain=d.name,
-            variant=variant,
-            topic=r.topic.key,
-            family=r.family,
-            split="test",
-        )
-        for r in _sample_heldout(domain, n, seed)
-    ]
+    return _examples(domain, variant, _sample_heldout(domain, n, seed), split="test")
 
 
 def make_trigger_gated(
