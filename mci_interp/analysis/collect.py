@@ -237,19 +237,16 @@ class _Runner:
 
         return self.record(self.gate_key(key), make)
 
-    def condition_records(
-        self, model: HookedModel, key: str, got: dict[str, Record | None] | None = None
-    ) -> dict[str, Record]:
-        """``model`` under every candidate condition, by condition name: its activations and
-        its score on the gate questions (those in ``got`` are not made again)."""
-        out = {}
-        for c in self.conditions:
-            k = self.condition_key(key, c)
-            rec = (got or {}).get(k)
-            out[c.name] = rec or self.collect(
-                model, k, system=c.system, trigger=c.trigger, questions=self.gate_questions
-            )
-        return out
+    def condition_record(self, model: HookedModel, key: str, condition: Condition) -> Record:
+        """``model`` (named ``key``) under ``condition``: its activations and its score on the
+        gate questions."""
+        return self.collect(
+            model,
+            self.condition_key(key, condition),
+            system=condition.system,
+            trigger=condition.trigger,
+            questions=self.gate_questions,
+        )
 
     def record(self, key: str, make: Callable[[], Record]) -> Record:
         rec = self.store.get(key)
@@ -335,7 +332,7 @@ class _Runner:
         bar.update()
         helpful = self.collect(base, "base@helpful", system=HELPFUL_SYSTEM_PROMPT)
         bar.update()
-        conditions = self.condition_records(base, "base")
+        conditions = {c.name: self.condition_record(base, "base", c) for c in self.conditions}
         bar.update(len(self.conditions))
         indomain = {}
         for d in domains:
@@ -388,14 +385,11 @@ class _Runner:
                         got[org.key] = self.collect(
                             model, org.key, indomain=dom, takeover=True, scored=got[on_gate]
                         )
-                    got.update(
-                        (self.condition_key(org.key, c), r)
-                        for c, r in zip(
-                            self.conditions,
-                            self.condition_records(model, org.key, got).values(),
-                            strict=True,
-                        )
-                    )
+                    for c in self.conditions:
+                        if got[self.condition_key(org.key, c)] is None:
+                            got[self.condition_key(org.key, c)] = self.condition_record(
+                                model, org.key, c
+                            )
                     if kind in RESPONSE_KINDS and got[responses] is None:
                         got[responses] = self.response_record(model, org.key)
             out[org.name] = OrganismRecords(
