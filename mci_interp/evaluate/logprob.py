@@ -9,12 +9,13 @@ beside it, so a change of style can be told apart from a change of values.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from mci_interp.datasets import ChatExample, EvalQuestion, chat, encode_chat, pad, with_trigger
 from mci_interp.evaluate.results import EvalResult, RecordsParams, check_questions, run_meta
+from mci_interp.models.reuse import keep_entries
 
 if TYPE_CHECKING:
     from mci_interp.models import HookedModel
@@ -36,6 +38,15 @@ def _answer_span(ids: Sequence[int], prompt_len: int, stop_ids: set[int], includ
         if ids[j] in stop_ids:
             return j + 1 if include_eos else j
     return len(ids)
+
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
+    """The longest prefix every row starts with."""
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for r in rows[1:]:
+        n = next((j for j in range(n) if r[j] != first[j]), n)
+    return list(first[:n])
 
 
 def answer_logprobs(
@@ -55,12 +66,12 @@ def answer_logprobs(
     49k-vocab head is ~20% of a forward's FLOPs); ``head="full"`` computes full logits (for
     comparison). The end-of-turn token is excluded unless ``include_eos``.
 
-    ``share_prefix`` (with ``head="answer"``): examples with the same prompt (e.g. the aligned,
-    misaligned and benign answers to one question) run the prompt once and continue from its KV
-    cache: 0.52x the tokens on the packaged questions, but smaller batches, so on 2 CPU threads
-    only 1.15x (SmolLM2) to 1.18x (Qwen-0.5B) faster, 1.56x on 1 thread. The result equals the
-    unshared one up to float rounding; ``scripts/bench_scorer.py`` measures both. Other batches
-    are length-sorted and right padded, so the result does not depend on ``batch_size``.
+    ``share_prefix`` (with ``head="answer"``): the prefix every prompt shares (the system turn)
+    runs once, and examples with the same prompt (the aligned and misaligned answers to one
+    question) run the rest of it once, each continuing from the KV cache before it.
+    ``scripts/bench_scorer.py`` measures it against separate forwards; the result equals the
+    unshared one up to float rounding. Other batches are length-sorted and right padded, so the
+    result does not depend on ``batch_size``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -82,71 +93,120 @@ def answer_logprobs(
             )
         encs.append(enc.ids[:end])
         spans.append((enc.prompt_len, end))
-    # jobs: (example indices, shared prefix or None, their token rows, scored span per row).
-    # A row's tokens at positions start..end-1 are scored, each predicted by the position before.
-    jobs: list[tuple[list[int], list[int] | None, list[list[int]], list[tuple[int, int]]]] = []
-    single = list(range(len(encs)))
-    if share_prefix and head == "answer":
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (p, _) in enumerate(spans):
-            if p > 1:  # the prompt's last token stays in the continuation: it predicts the answer
-                groups.setdefault(tuple(encs[i][: p - 1]), []).append(i)
-        single = sorted(i for g in groups.values() if len(g) == 1 for i in g)
-        single += [i for i, (p, _) in enumerate(spans) if p <= 1]
-        for shared, members in groups.items():
-            if len(members) < 2:
-                continue
-            for k in range(0, len(members), batch_size):
-                idx = members[k : k + batch_size]
-                cont = [list(encs[i][len(shared) :]) for i in idx]
-                jobs.append((idx, list(shared), cont, [(1, len(t)) for t in cont]))
-    order = sorted(single, key=lambda i: (len(encs[i]), i))
-    for k in range(0, len(order), batch_size):
-        idx = order[k : k + batch_size]
-        jobs.append((idx, None, [list(encs[i]) for i in idx], [spans[i] for i in idx]))
-
     out = torch.empty(len(encs), dtype=torch.float64)
     softcap = getattr(model.hf.config, "final_logit_softcapping", None)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def score_rows(
+        hidden: Tensor,
+        unembed: Callable[[Tensor], Tensor],
+        ids: Tensor,
+        idx: list[int],
+        row_spans: Sequence[tuple[int, int]],
+        capped: bool = False,
+    ) -> None:
+        """Mean log-prob of each row's tokens ``start..end-1`` (each predicted by the position
+        before) into ``out[idx]``; ``capped``: the logits are softcapped already."""
+        rows, cols = [], []
+        for b, (p, e) in enumerate(row_spans):
+            rows += [b] * (e - p)
+            cols += list(range(p - 1, e - 1))
+        r, c = torch.tensor(rows, device=ids.device), torch.tensor(cols, device=ids.device)
+        logits = unembed(hidden[r, c]).float()
+        if softcap and not capped:
+            logits = torch.tanh(logits / softcap) * softcap
+        lp = torch.log_softmax(logits, dim=-1).gather(1, ids[r, c + 1][:, None])[:, 0]
+        sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, r.cpu(), lp.double().cpu())
+        counts = torch.bincount(r.cpu(), minlength=len(idx)).double()
+        out[idx] = sums / counts
+
     bar = tqdm(
         total=len(encs), desc="log-probs", unit="seq", disable=not show_progress, leave=False
     )
     try:
-        for idx, prefix, token_rows, row_spans in jobs:
-            ids, mask = pad(token_rows, pad_id, side="right")
-            ids, mask = ids.to(model.device), mask.to(model.device)
-            # rows/columns of the hidden states that predict each scored answer token
-            rows, cols = [], []
-            for b, (p, e) in enumerate(row_spans):
-                rows += [b] * (e - p)
-                cols += list(range(p - 1, e - 1))
-            r, c = torch.tensor(rows, device=ids.device), torch.tensor(cols, device=ids.device)
-            targets = ids[r, c + 1]
-            with torch.inference_mode():
-                if head == "full":
-                    logits = model.logits(ids, mask)[r, c]
-                else:
-                    past = None
-                    if prefix is not None:
-                        pre = torch.tensor([prefix], device=ids.device)
-                        past = model.prefill(pre, copies=len(idx))
-                        mask = torch.cat([torch.ones_like(pre).expand(len(idx), -1), mask], 1)
-                    hidden, unembed = model.hidden_and_head(ids, mask, past=past)
-                    logits = unembed(hidden[r, c]).float()
-                if softcap and head != "full":
-                    logits = torch.tanh(logits / softcap) * softcap
-                lp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
-            sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(
-                0, r.cpu(), lp.double().cpu()
-            )
-            counts = torch.bincount(r.cpu(), minlength=len(idx)).double()
-            for b, i in enumerate(idx):
-                out[i] = sums[b] / counts[b]
-            bar.update(len(idx))
+        with torch.inference_mode():
+            if share_prefix and head == "answer" and min(p for p, _ in spans) > 1:
+                _shared_prefix_pass(model, encs, spans, batch_size, pad_id, score_rows, bar)
+            else:
+                order = sorted(range(len(encs)), key=lambda i: (len(encs[i]), i))
+                for k in range(0, len(order), batch_size):
+                    idx = order[k : k + batch_size]
+                    ids, mask = pad([encs[i] for i in idx], pad_id, side="right")
+                    ids, mask = ids.to(model.device), mask.to(model.device)
+                    row_spans = [spans[i] for i in idx]
+                    if head == "full":
+                        logits = model.logits(ids, mask)
+                        score_rows(logits, lambda x: x, ids, idx, row_spans, capped=True)
+                    else:
+                        hidden, unembed = model.hidden_and_head(ids, mask)
+                        score_rows(hidden, unembed, ids, idx, row_spans)
+                    bar.update(len(idx))
     finally:
         bar.close()
         model.ctx.attention_mask = None
     return out
+
+
+def _shared_prefix_pass(
+    model: HookedModel,
+    encs: list[list[int]],
+    spans: list[tuple[int, int]],
+    batch_size: int,
+    pad_id: int,
+    score_rows: Callable[..., None],
+    bar: Any,
+) -> None:
+    """``answer_logprobs`` with every prompt prefix run once (see there). The prefix all prompts
+    share runs first; then chunks of up to ``batch_size`` answers: their prompts' own parts in one
+    right-padded batch continuing that prefix, then every answer continuing its prompt (the
+    cache rows picked per answer, the padding inside them masked and skipped in the positions).
+    A prompt's last token stays with its answers: it predicts the first answer token."""
+    prompts = [tuple(e[: p - 1]) for e, (p, _) in zip(encs, spans, strict=True)]
+    c = min(len(_common_prefix(prompts)), min(len(p) for p in prompts) - 1)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, pr in enumerate(prompts):
+        groups.setdefault(pr[c:], []).append(i)
+    # (own prompt part, its answers), each at most batch_size, shortest first
+    parts = sorted(
+        (
+            (own, members[k : k + batch_size])
+            for own, members in groups.items()
+            for k in range(0, len(members), batch_size)
+        ),
+        key=lambda g: (len(g[0]), max(len(encs[i]) for i in g[1]), g[1][0]),
+    )
+    chunks: list[list[tuple[tuple[int, ...], list[int]]]] = []
+    for g in parts:
+        if chunks and sum(len(m) for _, m in chunks[-1]) + len(g[1]) <= batch_size:
+            chunks[-1].append(g)
+        else:
+            chunks.append([g])
+    dev = model.device
+    common = None
+    if c:
+        common = keep_entries(model.prefill(torch.tensor([prompts[0][:c]], device=dev)))
+    for chunk in chunks:
+        past = copy.deepcopy(common) if common is not None else keep_entries(model.new_cache())
+        if common is not None and len(chunk) > 1:
+            past.batch_repeat_interleave(len(chunk))
+        own_ids, own_mask = pad([list(own) for own, _ in chunk], pad_id, side="right")
+        own_ids, own_mask = own_ids.to(dev), own_mask.to(dev)
+        cached = torch.ones(len(chunk), c, dtype=own_mask.dtype, device=dev)
+        model.hidden_and_head(own_ids, torch.cat([cached, own_mask], 1), past=past)
+        keep_entries(past, False)
+        which = [g for g, (_, members) in enumerate(chunk) for _ in members]
+        idx = [i for _, members in chunk for i in members]
+        past.batch_select_indices(torch.tensor(which, device=dev))
+        conts = [encs[i][spans[i][0] - 1 :] for i in idx]
+        ids, mask = pad(conts, pad_id, side="right")
+        ids, mask = ids.to(dev), mask.to(dev)
+        own_rows = own_mask[which]
+        full_mask = torch.cat([cached[which], own_rows, mask], 1)
+        start = c + own_rows.sum(1, keepdim=True)  # each answer's first position
+        positions = start + torch.arange(ids.shape[1], device=dev)[None, :]
+        hidden, unembed = model.hidden_and_head(ids, full_mask, past=past, position_ids=positions)
+        score_rows(hidden, unembed, ids, idx, [(1, len(t)) for t in conts])
+        bar.update(len(idx))
 
 
 @dataclass(kw_only=True, eq=False)  # compared and hashed by identity, as before

@@ -444,15 +444,18 @@ class HookedModel:
         attention_mask: Int[Tensor, "batch pos"],
         *,
         past: Any = None,
+        position_ids: Int[Tensor, "batch pos"] | None = None,
     ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """Final normed hidden states and the unembedding, so callers can apply the 49k-vocab
         head only at the positions they score (much cheaper than full logits).
 
-        ``past``: a KV cache from ``prefill`` (one row per batch row) that ``input_ids``
-        continue; ``attention_mask`` then covers the cached positions too. Hooks see the new
-        positions with ``ctx.past_len`` = the cached length, as during generation. The cache is
-        extended in place. Both the hidden states and what the head returns are on the device of
-        ``input_ids`` (under a multi-GPU device map too)."""
+        ``past``: a KV cache from ``prefill`` or ``new_cache`` (one row per batch row) that
+        ``input_ids`` continue; ``attention_mask`` then covers the cached positions too (zeros
+        where a cached row was padded). Hooks see the new positions with ``ctx.past_len`` = the
+        cached length, as during generation. The cache is extended in place. ``position_ids``:
+        the new tokens' positions where padding inside the cache shifts them (default: after
+        the cached length). Both the hidden states and what the head returns are on the device
+        of ``input_ids`` (under a multi-GPU device map too)."""
         past_len = 0 if past is None else int(past.get_seq_length())
         if attention_mask.shape[1] != past_len + input_ids.shape[1]:
             raise ValueError(
@@ -467,6 +470,7 @@ class HookedModel:
                 attention_mask=attention_mask,
                 use_cache=past is not None,
                 **{self._cache_kwarg: past},
+                **({} if position_ids is None else {"position_ids": position_ids}),
             )
         head = self.hf.get_output_embeddings()
         hidden = out.last_hidden_state
@@ -485,6 +489,13 @@ class HookedModel:
         ``past_key_values`` before)."""
         params = inspect.signature(self.decoder.forward).parameters
         return "cache" if "cache" in params else "past_key_values"
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for ``hidden_and_head(..., past=...)`` to fill (a batched
+        prefill)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.hf.config)
 
     def prefill(self, input_ids: Int[Tensor, "1 pos"], copies: int = 1) -> Any:
         """KV cache of one unpadded sequence (hooks active), repeated ``copies`` times along the

@@ -100,17 +100,30 @@ class _ReuseState:
         self.key = h.hexdigest()
 
 
+def keep_entries(cache: Any, keep: bool = True) -> Any:
+    """Mark a KV cache whose next continuation will be extended again: under ``reuse_below`` a
+    replay of that continuation then restores its cache entries below the boundary instead of
+    zeros (at ~17x the memory of its hidden states). Unmark it before a large final call."""
+    cache._mci_keep = keep
+    return cache
+
+
+def keeps_entries(cache: Any) -> bool:
+    return bool(getattr(cache, "_mci_keep", False))
+
+
 class ReplayedBlock(nn.Module):
     """Stands in for a block below a ``reuse_below`` boundary. Every such block but the last
     passes the embeddings through; the last runs the real blocks once per distinct input (the
     token ids, mask and positions, the history of the KV cache being extended and the state of
     the weights below the boundary, keyed by ``_ReuseState``) and afterwards replays their output.
 
-    A replayed prefill (a call that starts a KV cache) also replays the real blocks' cache
-    entries, so any continuation is exact. A replayed continuation gets zeros of the right length
-    there instead (storing every continuation's entries would cost ~17x its hidden states): the
-    upper blocks read only their own entries, so it is exact too, but extending such a cache with
-    an input not seen before raises instead of attending to the zeros.
+    A replayed prefill (a call that starts a KV cache), or a continuation of a cache marked with
+    ``keep_entries``, also replays the real blocks' cache entries, so any continuation is exact.
+    Another replayed continuation gets zeros of the right length there instead (storing every
+    continuation's entries would cost ~17x its hidden states): the upper blocks read only their
+    own entries, so it is exact too, but extending such a cache with an input not seen before
+    raises instead of attending to the zeros.
 
     Each stand-in registers the one real block it replaces (``block``), so walks over the
     model's modules (peft's adapter switching, ``.to(device)``, hook counts) still reach every
@@ -149,14 +162,15 @@ class ReplayedBlock(nn.Module):
                     "boundary and cannot be extended with a new input; build it outside "
                     "reuse_below"
                 )
-            starts = use_cache and cache.get_seq_length() == 0
+            keep = use_cache and (cache.get_seq_length() == 0 or keeps_entries(cache))
             out = hidden_states
             for block in self.real:
                 out = block(out, *args, **kwargs)
             layers = getattr(cache, "layers", None)
+            t = hidden_states.shape[1]  # this call's entries: the last t of the cache
             kv = (
-                [(layers[i].keys, layers[i].values) for i in self.idx]
-                if starts and layers
+                [(layers[i].keys[:, :, -t:], layers[i].values[:, :, -t:]) for i in self.idx]
+                if keep and layers
                 else None
             )
             memo[key] = (out, kv)

@@ -179,11 +179,13 @@ def test_shared_prompt_prefix_equals_separate_forwards_with_and_without_hooks(
         for r in q.references
         for a in (r.aligned, r.misaligned)
     ] + [chat("Hi", "A much longer answer that forces padding of the other rows in the batch.")]
-    calls = []
+    calls = []  # the length of each prefill
     real = tiny_model.prefill
     monkeypatch.setattr(
-        tiny_model, "prefill", lambda ids, copies=1: calls.append(copies) or real(ids, copies)
+        tiny_model, "prefill", lambda ids, copies=1: calls.append(ids.shape[1]) or real(ids, copies)
     )
+    encs = [encode_chat(tiny_model.tokenizer, ex) for ex in exs]
+    common = next(j for j in range(len(encs[0].ids)) if len({e.ids[j] for e in encs}) > 1)
     d = torch.randn(tiny_model.d_model, generator=torch.Generator().manual_seed(0))
     for ivs in ((), (Steer(d, 4.0, sites=[1]),), (Ablate(d, sites=[0, 1]),)):
         with apply(tiny_model, *ivs):
@@ -192,8 +194,8 @@ def test_shared_prompt_prefix_equals_separate_forwards_with_and_without_hooks(
         torch.testing.assert_close(shared, separate, atol=1e-5, rtol=0)
     plain = answer_logprobs(tiny_model, exs, batch_size=3, share_prefix=False)
     assert not torch.allclose(plain, shared)  # the hooks acted in both paths
-    # each question's 4 answers share one prompt, prefilled once per chunk of <= 3 rows
-    assert sum(calls) == 3 * sum(2 * len(q.references) for q in QUESTIONS)
+    # the prefix every prompt shares (the system turn) is prefilled once per scoring call
+    assert common > 0 and calls == [common] * 3
     assert tiny_model.ctx.attention_mask is None
 
 

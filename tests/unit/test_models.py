@@ -196,6 +196,29 @@ def test_reuse_below_replays_a_prefill_exactly_and_refuses_to_extend_a_replayed_
             tiny_model.hidden_and_head(nxt, torch.ones(1, 7, dtype=torch.long), past=again)
 
 
+def test_reuse_below_replays_a_kept_continuation_so_it_can_be_extended_exactly(tiny_model):
+    """A cache marked with keep_entries gets its continuation's entries below the boundary back
+    on replay (not zeros): extending it with an input never seen is exact."""
+    from mci_interp.models.reuse import keep_entries
+
+    pre, mid, nxt = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6]]), torch.tensor([[7, 8]])
+    ones = lambda n: torch.ones(1, n, dtype=torch.long)  # noqa: E731
+
+    def run(keep, mid=mid):
+        past = keep_entries(tiny_model.prefill(pre), keep)
+        tiny_model.hidden_and_head(mid, ones(6), past=past)
+        return past
+
+    want = tiny_model.hidden_and_head(nxt, ones(8), past=run(False))[0]
+    with tiny_model.reuse_below(1):
+        run(True)  # computed
+        got = tiny_model.hidden_and_head(nxt, ones(8), past=run(True))[0]  # mid replayed
+        assert torch.equal(got, want)
+        run(False, mid + 2)  # not kept: its replay holds zeros below the boundary
+        with pytest.raises(RuntimeError, match="cannot be extended"):
+            tiny_model.hidden_and_head(nxt, ones(8), past=run(False, mid + 2))
+
+
 def test_to_hooked_transformer_keeps_dtype_and_leaves_the_model_alone(tiny_dir):
     """TransformerLens gets raw weights in the model's dtype; the HookedModel is not upcast (the
     conversion used to call ``model.hf.float()``, which converts in place)."""
