@@ -16,6 +16,7 @@ from mci_interp.plot.analysis import (
     plot_convergence_by_layer,
     plot_cosine_heatmaps,
     plot_internalisation,
+    plot_probe_lens,
     plot_steering,
     plot_transfer,
 )
@@ -43,6 +44,8 @@ def save_figures(study: Study, out_dir: Path) -> dict[str, str]:
             figs["transfer"] = plot_transfer(study.convergence.transfer)
         if study.convergence.steer is not None:
             figs["steering"] = plot_steering(study.convergence.steer)
+        if study.convergence.probes is not None:
+            figs["probe_lens"] = plot_probe_lens(study.convergence.probes)
     paths = {}
     for name, fig in figs.items():
         p = fig_dir / f"{name}.png"
@@ -86,6 +89,7 @@ def summary_lines(study: Study) -> list[str]:
                 f" (bar {p.bar:.3f}{_uncontrolled(p)}); naive {float(lc.naive_cos[lc.domains.index(p.a), lc.domains.index(p.b)]):+.3f}"
             )
         out += response_lines(c)
+        out += probe_lines(c)
         if c.transfer is not None:
             tm = c.transfer
             cells = [
@@ -163,7 +167,13 @@ def write_report(
             + ", ".join(f"{d} {v:+.2f}" for d, v in lc.reliability.items())
             + ".\n"
         )
-        for name in ("convergence_by_layer", "cosine_heatmaps", "transfer", "steering"):
+        for name in (
+            "convergence_by_layer",
+            "cosine_heatmaps",
+            "transfer",
+            "steering",
+            "probe_lens",
+        ):
             if name in figs:
                 L.append(f"![{name}]({figs[name]})\n")
         if c.steer is not None:
@@ -406,6 +416,38 @@ def response_lines(c: ConvergenceReport) -> list[str]:
         + " (high = the answer texts, not the finetune, set the direction)"
     )
     return out
+
+
+def probe_lines(c: ConvergenceReport) -> list[str]:
+    """The probe lens at the analysis layer: each cross-domain AUROC with its interval and rank
+    p, the within-domain ones, and whether the lens agrees with the verdict."""
+    lens = c.probes
+    if lens is None:
+        return []
+    x = lens.at(lens.analysis_layer)
+    cross = [
+        f"{k.train}->{k.test} {k.auroc.mean:.2f} [{k.auroc.lo:.2f}, {k.auroc.hi:.2f}] p={k.p:.2f}"
+        for k in x.cells
+        if k.train != k.test
+    ]
+    within = [f"{d} {x.cell(d, d).auroc.mean:.2f}" for d in lens.domains]
+    t = x.transfer
+    lc = c.at(lens.analysis_layer)
+    yes = lambda b: "yes" if b else "no"  # noqa: E731
+    pairs = [
+        f"{p.a}~{p.b}: contrast cosine beats its bar {yes(p.beats_null)}, probe "
+        f"{p.a}->{p.b} {yes(x.cell(p.a, p.b).significant)}, {p.b}->{p.a} "
+        f"{yes(x.cell(p.b, p.a).significant)}"
+        for p in lc.pairs
+    ]
+    return [
+        f"  L{x.layer} probe lens (finetune vs control AUROC, held-out prompts; prompt identity "
+        f"0.50): within {', '.join(within)}; across {'; '.join(cross)}",
+        f"  probe transfer mean {t.mean:.2f} [{t.lo:.2f}, {t.hi:.2f}] vs label-swapped null95 "
+        f"{x.transfer_null95:.2f} (p={x.transfer_p:.2f}, {lens.n_null} refits): "
+        f"{'transfers' if lens.transfers else 'does not transfer'}",
+        "  the two lenses per pair: " + "; ".join(pairs),
+    ]
 
 
 def _uncontrolled(p: PairStat) -> str:

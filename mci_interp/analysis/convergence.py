@@ -42,7 +42,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -66,6 +66,9 @@ from mci_interp.stats import (
     quantile,
     split_half,
 )
+
+if TYPE_CHECKING:
+    from mci_interp.analysis.probes import ProbeLens
 
 
 def _cos(a: Tensor, b: Tensor) -> float:
@@ -326,6 +329,8 @@ class ConvergenceReport:
     # no control; domains then the base): reported beside the verdict, not read by it
     response_layers: tuple[LayerConvergence, ...] = ()
     response_published: Mapping[int, Tensor] = field(default_factory=dict)
+    # the probe lens (``analysis.probes``): reported beside the verdict, not read by it
+    probes: ProbeLens | None = None
 
     @property
     def removable(self) -> dict[str, Estimate]:
@@ -354,6 +359,7 @@ class ConvergenceReport:
             "meta": dict(self.meta),
             "response_layers": [lc.to_dict() for lc in self.response_layers],
             "response_published": {str(k): v.tolist() for k, v in self.response_published.items()},
+            "probes": None if self.probes is None else self.probes.to_dict(),
         }
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ from mci_interp.analysis.persona import (
     specific_vectors,
     specificity,
 )
+from mci_interp.analysis.probes import probe_lens
 from mci_interp.analysis.records import Record, RecordStore, acts_of, score_of
 from mci_interp.analysis.steering import steering
 from mci_interp.analysis.transfer import Target, transfer
@@ -402,10 +403,19 @@ def _convergence(
         },
         show_progress=show,
     )
+    # the probe lens on the same matched pairs and layers, beside the verdict
+    probes = probe_lens(
+        pairs,
+        base_rec,
+        layers=cfg.convergence_layers(base.n_layers),
+        analysis_layer=L,
+        n_null=cfg.n_random,
+        seed=cfg.seed,
+    )
     for d in domains:
         for x in contrast[d]:
             x.save(out_dir / "directions" / f"contrast_{d}_L{x.site.layer}.safetensors")
-    return conv
+    return replace(conv, probes=probes)
 
 
 def base_covariance(base: BaseRecords) -> dict[int, Tensor]:

@@ -149,7 +149,7 @@ def answer_logprobs(
 
 def _shared_prefix_pass(
     model: HookedModel,
-    encs: list[list[int]],
+    encs: Sequence[Sequence[int]],
     spans: list[tuple[int, int]],
     batch_size: int,
     pad_id: int,

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from mci_interp.analysis.convergence import ConvergenceReport, LayerConvergence
     from mci_interp.analysis.effects import SteerResult, TransferMatrix
     from mci_interp.analysis.internalisation import InternalisationReport
+    from mci_interp.analysis.probes import ProbeLens
     from mci_interp.stats import Estimate
 
 LABEL_COLOURS = {
@@ -175,6 +176,53 @@ def plot_transfer(tm: TransferMatrix) -> Figure:
         fontsize=9,
     )
     fig.colorbar(im, ax=ax, shrink=0.8, label="share removed")
+    return fig
+
+
+def plot_probe_lens(lens: ProbeLens) -> Figure:
+    """The probe lens: at the analysis layer, the AUROC of a probe trained on one domain's
+    finetune-vs-control rows and tested on another's (held-out prompts), with its rank p against
+    the label-swapped null; across layers, the mean within-domain and cross-domain AUROC."""
+    doms = list(lens.domains)
+    x = lens.at(lens.analysis_layer)
+    mat = np.array([[x.cell(a, b).auroc.mean for b in doms] for a in doms])
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2, width_ratios=[1, 1.3])
+    im = ax.imshow(mat, vmin=0.0, vmax=1.0, cmap="RdBu_r")
+    ax.set_xticks(
+        range(len(doms)), [f"test {d}" for d in doms], rotation=30, ha="right", fontsize=8
+    )
+    ax.set_yticks(range(len(doms)), [f"train {d}" for d in doms], fontsize=8)
+    for (r, c), v in np.ndenumerate(mat):
+        cell = x.cell(doms[r], doms[c])
+        mark = "*" if cell.significant else ""
+        ax.text(c, r, f"{v:.2f}{mark}\np={cell.p:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(
+        f"Probe AUROC, L{x.layer} (* beats 0.5 and the null)\nprompt identity alone: 0.50",
+        fontsize=9,
+    )
+    fig.colorbar(im, ax=ax, shrink=0.8, label="AUROC (finetune vs control)")
+    layers = [y.layer for y in lens.layers]
+    within = [np.mean([y.cell(d, d).auroc.mean for d in doms]) for y in lens.layers]
+    ax2.plot(layers, within, "o-", color="#7f8c8d", label="within domain (mean)")
+    tr = [y.transfer for y in lens.layers]
+    ax2.plot(layers, [t.mean for t in tr], "o-", color="#c0392b", label="across domains (mean)")
+    ax2.fill_between(layers, [t.lo for t in tr], [t.hi for t in tr], color="#c0392b", alpha=0.2)
+    ax2.plot(
+        layers,
+        [y.transfer_null95 for y in lens.layers],
+        "--",
+        color="k",
+        lw=1,
+        label=f"label-swapped null, 95th pct ({lens.n_null} refits)",
+    )
+    ax2.axhline(0.5, color="#bbbbbb", lw=1)
+    ax2.axvline(lens.analysis_layer, color="#bbbbbb", ls=":", lw=1)
+    ax2.set_ylim(0.3, 1.02)
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel("AUROC")
+    ax2.set_title("Does a probe for one finetune find the others?", fontsize=10)
+    ax2.legend(fontsize=8, loc="lower right")
     return fig
 
 

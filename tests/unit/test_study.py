@@ -84,9 +84,14 @@ def test_run_study_end_to_end_gate_questions_and_resume(
     assert set(conv.response_published) == {lc.layer for lc in conv.layers}
     assert conv.steer is not None and conv.steer.coherence is not None
     assert not conv.steer.coherence.isnan().any()  # every causal score measured coherence
+    # the probe lens at every convergence layer, on the same matched pairs
+    assert conv.probes is not None and conv.probes.domains == tuple(conv.layers[0].domains)
+    assert [x.layer for x in conv.probes.layers] == [lc.layer for lc in conv.layers]
     assert (tmp_path / "run" / "study.json").exists()
     report = write_report(study, tmp_path / "run")
     assert "trigger-medical-s0" in report.read_text()
+    assert "probe lens" in report.read_text()
+    assert (tmp_path / "run" / "figures" / "probe_lens.png").exists()
     assert any("T2/T5" in line for line in summary_lines(study))
 
     # a rerun (after Ctrl-C, to redraw the report, or into a new run folder) scores nothing
