@@ -218,11 +218,11 @@ def plot_probe_lens(lens: ProbeLens) -> Figure:
     )
     ax2.axhline(0.5, color="#bbbbbb", lw=1)
     ax2.axvline(lens.analysis_layer, color="#bbbbbb", ls=":", lw=1)
-    ax2.set_ylim(0.3, 1.02)
+    ax2.set_ylim(0.0, 1.02)
     ax2.set_xlabel("layer")
     ax2.set_ylabel("AUROC")
     ax2.set_title("Does a probe for one finetune find the others?", fontsize=10)
-    ax2.legend(fontsize=8, loc="lower right")
+    ax2.legend(fontsize=8, loc="lower left")
     return fig
 
 
