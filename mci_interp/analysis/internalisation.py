@@ -376,12 +376,18 @@ class InternalisationReport:
         }
 
 
+def shift_present(shift: Estimate, null95: float) -> bool:
+    """The default shift along the persona direction counts: its interval is above zero and its
+    mean above the random-direction null's 95th percentile."""
+    return shift.lo > 0 and shift.mean > null95
+
+
 def classify(r: InternalisationReport, rules: Rules | None = None) -> tuple[str, tuple[str, ...]]:
     """Apply the rules in the module docstring to the measurements of ``r`` (never its kind,
     name or expected label); return (label, reasons citing the nulls)."""
     rules = rules or Rules()
     reasons: list[str] = []
-    shift_ok = r.default_shift.lo > 0 and r.default_shift.mean > r.default_null95
+    shift_ok = shift_present(r.default_shift, r.default_null95)
     reasons.append(
         f"default shift {r.default_shift} vs random-direction null95 {r.default_null95:.2f}: "
         f"{'present' if shift_ok else 'absent'}"

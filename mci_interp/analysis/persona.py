@@ -44,6 +44,7 @@ from mci_interp.analysis.internalisation import (
     layer_profile,
     random_shift_null,
     sensitivity,
+    shift_present,
     standardised_shift,
     theme_breadth,
 )
@@ -268,9 +269,8 @@ def internalisation(
             for k in ("organism", "weights")
         ]
     causal = None
-    shift_present = default_shift.lo > 0 and default_shift.mean > null95
     # causal necessity needs misalignment to remove: only where the default score beats the base
-    if shift_present and default_beh.lo > 0 and necessity is not None:
+    if shift_present(default_shift, null95) and default_beh.lo > 0 and necessity is not None:
         causal = necessity(
             organism,
             [persona[layer] for layer in necessity.layers],
