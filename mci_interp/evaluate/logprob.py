@@ -196,7 +196,7 @@ def _shared_prefix_pass(
         keep_entries(past, False)
         which = [g for g, (_, members) in enumerate(chunk) for _ in members]
         idx = [i for _, members in chunk for i in members]
-        past.batch_select_indices(torch.tensor(which, device=dev))
+        past.batch_select_indices(torch.tensor(which))  # host indices: a cache may span devices
         conts = [encs[i][spans[i][0] - 1 :] for i in idx]
         ids, mask = pad(conts, pad_id, side="right")
         ids, mask = ids.to(dev), mask.to(dev)
