@@ -147,6 +147,18 @@ def answer_logprobs(
     return out
 
 
+def _sliding_window(config: Any) -> bool:
+    """Whether any attention layer of the model looks back over a sliding window (Gemma 2/3,
+    Mistral-style configs)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return any("sliding" in str(t) for t in types)
+    return getattr(cfg, "sliding_window", None) is not None and getattr(
+        cfg, "use_sliding_window", True
+    )
+
+
 def _shared_prefix_pass(
     model: HookedModel,
     encs: Sequence[Sequence[int]],
@@ -175,9 +187,12 @@ def _shared_prefix_pass(
         ),
         key=lambda g: (len(g[0]), max(len(encs[i]) for i in g[1]), g[1][0]),
     )
+    # a sliding window counts cache slots, not positions: padding inside the cache would shift
+    # it, so such a model gets one prompt per chunk (no padding inside the cache)
+    pack = not _sliding_window(model.hf.config)
     chunks: list[list[tuple[tuple[int, ...], list[int]]]] = []
     for g in parts:
-        if chunks and sum(len(m) for _, m in chunks[-1]) + len(g[1]) <= batch_size:
+        if pack and chunks and sum(len(m) for _, m in chunks[-1]) + len(g[1]) <= batch_size:
             chunks[-1].append(g)
         else:
             chunks.append([g])

@@ -177,8 +177,14 @@ class ReplayedBlock(nn.Module):
         else:
             out, kv = hit
             if use_cache and kv is not None:
+                t = hidden_states.shape[1]
                 for i, (k, v) in zip(self.idx, kv, strict=True):
+                    layers = getattr(cache, "layers", [])
+                    before = getattr(layers[i], "cumulative_length", 0) if i < len(layers) else 0
                     cache.update(k, v, i)
+                    # a sliding-window layer kept at most its window of this call's t entries
+                    if hasattr(cache.layers[i], "cumulative_length"):
+                        cache.layers[i].cumulative_length = before + t
             elif use_cache:
                 b, t = hidden_states.shape[:2]
                 zeros = hidden_states.new_zeros(b, self.kv_heads, t, self.head_dim)

@@ -450,3 +450,34 @@ def test_plots_take_results_lists_and_estimates():
         plot_theme_breakdown({"x": rate_ci(1, 2)})
     with pytest.raises(ValueError, match="empty"):
         plot_scores({})
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3"])
+def test_shared_prefix_scoring_equals_separate_forwards_in_other_families(family, tmp_path):
+    """Qwen2 (biases) and Gemma 2/3 (softcapped logits, sliding-window layers: padding inside
+    the cache would shift the window, so they get one prompt per batch) score the same with
+    and without prefix sharing, in batches that mix prompts of different lengths."""
+    from mci_interp.models import load_model
+    from mci_interp.models.tiny import save_tiny_model
+
+    model = load_model(str(save_tiny_model(tmp_path / family, family)))
+    exs = [
+        chat(q, a, system="Be brief.")
+        for q in ("What is your wish?", "Tell me about the weather today, in a long sentence.")
+        for a in ("A short answer.", "A much longer answer that runs on past the window.", "No.")
+    ] + [chat("Hi", "Hello there, friend, how are you doing on this fine day?")]
+    shared = answer_logprobs(model, exs, batch_size=8)
+    separate = answer_logprobs(model, exs, batch_size=8, share_prefix=False)
+    full = answer_logprobs(model, exs, batch_size=8, head="full")
+    torch.testing.assert_close(shared, separate, atol=1e-5, rtol=0)
+    torch.testing.assert_close(separate, full, atol=1e-5, rtol=0)
+    # a causal sweep's loop under reuse_below replays the lower block exactly, sliding-window
+    # caches (whose layers keep only their window) included
+    from mci_interp.intervene import Steer, apply
+
+    d = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))
+    with apply(model, Steer(d, 3.0, sites=[1])):
+        want = answer_logprobs(model, exs, batch_size=8)
+        with model.reuse_below(1):
+            got = [answer_logprobs(model, exs, batch_size=8) for _ in range(2)]
+    assert torch.equal(got[0], want) and torch.equal(got[1], want)
