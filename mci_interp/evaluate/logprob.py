@@ -199,9 +199,11 @@ def _shared_prefix_pass(
     dev = model.device
     common = None
     if c:
-        common = keep_entries(model.prefill(torch.tensor([prompts[0][:c]], device=dev)))
+        common = model.prefill(torch.tensor([prompts[0][:c]], device=dev))
     for chunk in chunks:
-        past = copy.deepcopy(common) if common is not None else keep_entries(model.new_cache())
+        # the prompts' own parts continue it, and the answers continue them: under
+        # reuse_below that middle call must replay its cache entries (keep_entries)
+        past = keep_entries(copy.deepcopy(common) if common is not None else model.new_cache())
         if common is not None and len(chunk) > 1:
             past.batch_repeat_interleave(len(chunk))
         own_ids, own_mask = pad([list(own) for own, _ in chunk], pad_id, side="right")
