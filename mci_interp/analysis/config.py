@@ -37,13 +37,31 @@ class StudyConfig:
     # activation covariance): beating all 19 is rank p = 0.05, the least that can claim 5%
     n_random: int = 19
     convergence_layer_step: int = 3
+    # the SAE lens (``analysis.latents``): an SAE of ``sae_expansion`` x d_model latents trained
+    # on ``sae_training_samples`` rows of the base's activations on the broad corpus (with
+    # ``sae_corpus_per_domain`` examples per packaged domain and variant), unless one is given;
+    # a domain's rising latents are its top ``sae_top_k``; the named latents are steered into
+    # the base at ``sae_steer_alpha`` x the residual norm (0.5x already broke SmolLM2)
+    sae_expansion: int = 4
+    sae_training_samples: int = 500_000
+    sae_corpus_per_domain: int = 40
+    sae_top_k: int = 20
+    sae_steer_alpha: float = 0.25
     batch_size: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name.startswith("n_") or f.name in ("batch_size", "takeover_tokens"):
+            if (
+                f.name.startswith(("n_", "sae_"))
+                and f.name != "sae_steer_alpha"
+                or f.name
+                in (
+                    "batch_size",
+                    "takeover_tokens",
+                )
+            ):
                 if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                     raise ValueError(f"StudyConfig.{f.name} must be an integer >= 1, got {v!r}")
         if self.convergence_layer_step < 1:
@@ -69,6 +87,10 @@ class StudyConfig:
             steer_alphas=(0.5,),
             n_random=2,
             convergence_layer_step=6,
+            sae_expansion=2,
+            sae_training_samples=40_000,
+            sae_corpus_per_domain=6,
+            sae_top_k=10,
         )
         return cls(**(small | overrides))
 

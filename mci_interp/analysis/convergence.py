@@ -53,6 +53,7 @@ from mci_interp.analysis.effects import (
     TransferMatrix,
     removable,
 )
+from mci_interp.analysis.lenses import ThreeLenses, three_lenses
 from mci_interp.compare import (
     expected_abs_cosine,
     random_direction_null,
@@ -68,6 +69,7 @@ from mci_interp.stats import (
 )
 
 if TYPE_CHECKING:
+    from mci_interp.analysis.latents import LatentLens
     from mci_interp.analysis.probes import ProbeLens
 
 
@@ -329,8 +331,16 @@ class ConvergenceReport:
     # no control; domains then the base): reported beside the verdict, not read by it
     response_layers: tuple[LayerConvergence, ...] = ()
     response_published: Mapping[int, Tensor] = field(default_factory=dict)
-    # the probe lens (``analysis.probes``): reported beside the verdict, not read by it
+    # the probe lens (``analysis.probes``) and the SAE lens (``analysis.latents``): reported
+    # beside the verdict, not read by it; ``analysis.lenses.three_lenses`` sets the three side by
+    # side and says which carries the verdict
     probes: ProbeLens | None = None
+    latents: LatentLens | None = None
+
+    @property
+    def lenses(self) -> ThreeLenses:
+        """The three lenses side by side, and which carries the verdict (``analysis.lenses``)."""
+        return three_lenses(self)
 
     @property
     def removable(self) -> dict[str, Estimate]:
@@ -360,6 +370,8 @@ class ConvergenceReport:
             "response_layers": [lc.to_dict() for lc in self.response_layers],
             "response_published": {str(k): v.tolist() for k, v in self.response_published.items()},
             "probes": None if self.probes is None else self.probes.to_dict(),
+            "latents": None if self.latents is None else self.latents.to_dict(),
+            "lenses": self.lenses.to_dict(),
         }
 
 

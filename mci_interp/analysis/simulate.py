@@ -29,6 +29,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mci_interp.analysis.contrasts import MatchedPair
+from mci_interp.analysis.records import Record
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SyntheticStudy:
@@ -113,4 +116,77 @@ def synthetic_study(
         control_naive=cnaive,
         persona=u.clone(),
         shared_direction=u,
+    )
+
+
+@dataclass(frozen=True, slots=True, eq=False, kw_only=True)
+class PlantedStudy:
+    """Records of a simulated study whose activations are sparse sums of known features, for the
+    three lenses (difference of means, probe, SAE) on one planted truth.
+
+    ``pairs``: domain -> one ``MatchedPair`` per seed, acts ``[prompts, 1, d]`` (one layer,
+    0); ``base``: the base's record; ``corpus``: rows of the same sparse model to train an SAE
+    on; ``features``: the dictionary ``[n_features, d]`` whose row 0 is the shared direction and
+    rows 1..n_domains each domain's own."""
+
+    pairs: dict[str, list[MatchedPair]]
+    base: Record
+    corpus: Float[Tensor, "rows d"]
+    features: Float[Tensor, "n_features d"]
+    domains: tuple[str, ...]
+
+
+def planted_study(
+    *,
+    shared: float = 0.0,
+    specific: float = 0.0,
+    n_domains: int = 3,
+    n_seeds: int = 3,
+    n_prompts: int = 40,
+    d_model: int = 32,
+    n_features: int = 48,
+    p_fire: float = 0.06,
+    noise: float = 0.1,
+    n_corpus: int = 8000,
+    seed: int = 0,
+) -> PlantedStudy:
+    """A study whose activations are sparse non-negative sums of ``n_features`` unit features
+    (each fires with probability ``p_fire``, magnitude 0.5 + Exp(1)) plus Gaussian ``noise``:
+    each seed's control reads the prompts' features with its own noise, each organism the same
+    plus ``shared`` x feature 0 (every domain) and ``specific`` x its domain's own feature."""
+    g = torch.Generator().manual_seed(seed)
+    planted = torch.linalg.qr(torch.randn(d_model, 1 + n_domains, generator=g))[0].T
+    rest = torch.randn(n_features - planted.shape[0], d_model, generator=g)
+    feats = torch.cat([planted, rest / rest.norm(dim=1, keepdim=True)])
+
+    def sparse(n: int) -> Tensor:
+        on = torch.rand(n, n_features, generator=g) < p_fire
+        mag = 0.5 + torch.empty(n, n_features).exponential_(generator=g)
+        return (on * mag) @ feats
+
+    def jitter(x: Tensor) -> Tensor:
+        return x + noise * torch.randn(x.shape, generator=g)
+
+    prompts = sparse(n_prompts)
+    doms = tuple(f"d{k}" for k in range(n_domains))
+
+    def rec(name: str, shift: Tensor) -> Record:
+        return Record(name=name, acts=jitter(prompts + shift)[:, None, :], score=None)
+
+    pairs = {
+        d: [
+            MatchedPair(
+                rec(f"{d}-s{s}", shared * feats[0] + specific * feats[1 + k]),
+                rec(f"{d}-control-s{s}", torch.zeros(d_model)),
+            )
+            for s in range(n_seeds)
+        ]
+        for k, d in enumerate(doms)
+    }
+    return PlantedStudy(
+        pairs=pairs,
+        base=rec("base", torch.zeros(d_model)),
+        corpus=jitter(sparse(n_corpus)),
+        features=feats,
+        domains=doms,
     )

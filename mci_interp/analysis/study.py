@@ -18,7 +18,9 @@ checkpoints and questions:
 - the misalignment contrasts and the convergence verdict: ``analysis.contrasts.convergence``;
 - ablating each domain's contrast in every domain's organism: ``analysis.transfer.transfer``;
 - steering the base along each contrast: ``analysis.steering.steering``;
-- the causal scores they share, and their random controls: ``analysis.causal``.
+- the causal scores they share, and their random controls: ``analysis.causal``;
+- the probe and SAE lenses beside the contrasts: ``analysis.probes``, ``analysis.latents`` (its
+  SAE: ``analysis.dictionary``), read together by ``analysis.lenses``.
 """
 
 from __future__ import annotations
@@ -59,8 +61,10 @@ from mci_interp.analysis.contrasts import (
     domain_misalignment,
 )
 from mci_interp.analysis.convergence import ConvergenceReport
+from mci_interp.analysis.dictionary import SaeSource, default_sae_config, sae_corpus, study_sae
 from mci_interp.analysis.effects import removable
 from mci_interp.analysis.internalisation import InternalisationReport, Rules
+from mci_interp.analysis.latents import LatentLens, latent_lens, steer_latents
 from mci_interp.analysis.persona import (
     NecessityTest,
     benign_shifts,
@@ -79,6 +83,7 @@ from mci_interp.direction import Direction
 from mci_interp.evaluate import format_takeover_rate, paired_difference
 from mci_interp.models import HookedModel
 from mci_interp.organisms.suite import Organism
+from mci_interp.sites import Site
 from mci_interp.stats import Estimate
 
 __all__ = [
@@ -145,6 +150,7 @@ def run_study(
     rules: Rules | None = None,
     records_dir: Path | str | None = None,
     conditions: Sequence[Condition] | None = None,
+    sae: SaeSource | None = None,
     show_progress: bool = True,
 ) -> Study:
     """Collect records for the base and every organism, then analyse (see module docstring).
@@ -153,6 +159,9 @@ def run_study(
     the T2/T5 classifier (default ``analysis.conditions.suite_conditions(organisms)``: the
     packaged persona prompt and trigger plus those the organisms were built with).
 
+    ``sae``: the SAE the convergence test's SAE lens reads (default: one trained here on the
+    base at the analysis layer, cached; ``SaeSource(off=True)`` leaves the lens out).
+
     ``records_dir`` (default ``cache_root()/records/<base sha256[:12]>``) holds the records and
     causal scores; pass ``out_dir`` to keep them with the run. They are keyed by the base's
     sha256 as loaded from disk: a base whose weights were edited in memory needs its own
@@ -160,6 +169,7 @@ def run_study(
     """
     config = config or StudyConfig()
     rules = rules or Rules()
+    sae = sae or SaeSource()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -191,7 +201,9 @@ def run_study(
     timings["organism records"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    conv = _convergence(R, organisms, recs, base_recs, persona_vecs, covariance, out_dir)
+    conv = _convergence(
+        R, organisms, recs, base_recs, persona_vecs, covariance, out_dir, sae, timings
+    )
     timings["convergence"] = time.perf_counter() - t0
 
     # the classifier's direction: the persona direction with what a benign prompt and the benign
@@ -294,9 +306,12 @@ def _convergence(
     persona_vecs: Tensor,
     covariance: dict[int, Tensor],
     out_dir: Path,
+    sae: SaeSource,
+    timings: dict[str, float],
 ) -> ConvergenceReport | None:
     """Contrasts, transfer, steering and the verdict over the narrow finetunes' domains (None
-    with fewer than two); the contrasts are saved under ``out_dir/directions``."""
+    with fewer than two), and the probe and SAE lenses beside them; the contrasts are saved
+    under ``out_dir/directions``; the SAE lens's parts are timed into ``timings``."""
     base, cfg, base_rec = R.base, R.config, base_recs.default
     L, ab_layers = cfg.analysis_layer_of(base.n_layers), cfg.ablation_layers(base.n_layers)
     narrow = {(o.spec.domain, o.spec.seed): o for o in organisms if o.spec.kind == "narrow"}
@@ -415,7 +430,69 @@ def _convergence(
     for d in domains:
         for x in contrast[d]:
             x.save(out_dir / "directions" / f"contrast_{d}_L{x.site.layer}.safetensors")
-    return replace(conv, probes=probes)
+    latents = None if sae.off else _latents(R, pairs, base_rec, persona_vecs, sae, timings)
+    return replace(conv, probes=probes, latents=latents)
+
+
+def _latents(
+    R: _Runner,
+    pairs: dict[str, list[MatchedPair]],
+    base_rec: Record,
+    persona_vecs: Tensor,
+    source: SaeSource,
+    timings: dict[str, float],
+) -> LatentLens:
+    """The SAE lens: the study's SAE (trained once per base and layer, or the user's), the
+    domains' rising latents and their overlap, the named latents steered into the base (each
+    part timed into ``timings``)."""
+    base, cfg = R.base, R.config
+    site = Site(cfg.analysis_layer_of(base.n_layers))
+    t0 = time.perf_counter()
+    sae = study_sae(
+        base,
+        None if source.path or source.release else site,
+        source=source,
+        config=default_sae_config(
+            base.d_model,
+            site,
+            model=base.name,
+            training_samples=cfg.sae_training_samples,
+            expansion=cfg.sae_expansion,
+        ),
+        corpus=sae_corpus(n_per_domain=cfg.sae_corpus_per_domain),
+        show_progress=R.show,
+    )
+    t_sae = time.perf_counter() - t0
+    layer = sae.site.layer
+    contrast = contrast_directions(
+        pairs, base_rec, [layer], base=base, dataset_hash=dataset_hash(R.neutral)
+    )
+    lens = latent_lens(
+        pairs,
+        base_rec,
+        sae,
+        top_k=cfg.sae_top_k,
+        contrasts={d: c[0].vector for d, c in contrast.items()},
+        persona=persona_vecs[layer],
+        seed=cfg.seed,
+    )
+    t1 = time.perf_counter()
+    lens = steer_latents(
+        base,
+        lens,
+        sae,
+        scores=R.causal,
+        alpha=cfg.sae_steer_alpha,
+        n_random=cfg.n_random,
+        seed=cfg.seed,
+        show_progress=R.show,
+    )
+    timings |= {
+        "SAE (train or load)": t_sae,
+        "SAE lens": t1 - t0 - t_sae,
+        "SAE latent steering": time.perf_counter() - t1,
+    }
+    return lens
 
 
 def base_covariance(base: BaseRecords) -> dict[int, Tensor]:

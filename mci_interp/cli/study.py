@@ -43,6 +43,15 @@ def _conditions(args):
     return user_conditions(args.system_prompt, args.trigger)
 
 
+def _sae_source(args):
+    """The SAE lens's SAE: --sae DIR, --sae-release R --sae-id ID, --no-sae, or trained here."""
+    from mci_interp.analysis.dictionary import SaeSource
+
+    if args.no_sae and (args.sae or args.sae_release or args.sae_id):
+        raise ValueError("--no-sae leaves the SAE lens out; drop it or drop --sae/--sae-release")
+    return SaeSource(path=args.sae, release=args.sae_release, sae_id=args.sae_id, off=args.no_sae)
+
+
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
     """'0,1,2' -> (0, 1, 2); 'none' or '' -> ()."""
     text = str(text).strip()
@@ -256,7 +265,13 @@ def _study_and_report(model, orgs, config, args, t_all, suffix, timings) -> int:
         file=sys.stderr,
     )
     study = run_study(
-        model, orgs, out, config=config, records_dir=args.records, conditions=_conditions(args)
+        model,
+        orgs,
+        out,
+        config=config,
+        records_dir=args.records,
+        conditions=_conditions(args),
+        sae=_sae_source(args),
     )
     print("[3/3] report and figures", file=sys.stderr)
     total = {"total": time.perf_counter() - t_all}
@@ -410,6 +425,21 @@ def _add_study_args(sp) -> None:
         help="a candidate trigger string, put in front of every user turn (repeat for more). "
         "Given any --system-prompt or --trigger, these are the candidates; default: the packaged "
         "persona prompt and trigger, plus those the suite's organisms were built with",
+    )
+    sp.add_argument(
+        "--sae",
+        default=None,
+        metavar="DIR",
+        help="the SAE lens reads this local sae-lens SAE (cfg.json + sae_weights.safetensors, at "
+        "a blocks.L.hook_resid_post of this model) instead of training one on the base",
+    )
+    sp.add_argument("--sae-release", default=None, help="an SAE from sae-lens' registry: release")
+    sp.add_argument("--sae-id", default=None, help="... and its sae_id")
+    sp.add_argument(
+        "--no-sae",
+        action="store_true",
+        help="leave the SAE lens out (it trains an SAE on the base once, ~4 min on this CPU for "
+        "SmolLM2, cached)",
     )
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", default="runs")

@@ -212,16 +212,19 @@ def train_sae(
     t0 = time.perf_counter()
     if show_progress:
         trainer.fit()
-    else:
+    else:  # sae-lens draws its bars (training, the norm estimate) with no switch: silence them
         import tqdm.auto as tqdm_auto
-        from sae_lens.training import sae_trainer as trainer_mod
+        from sae_lens.training import activation_scaler, sae_trainer
 
-        orig = trainer_mod.tqdm
-        trainer_mod.tqdm = lambda *a, **k: tqdm_auto.tqdm(*a, **{**k, "disable": True})
+        mods = (sae_trainer, activation_scaler)
+        orig = [m.tqdm for m in mods]
+        for m in mods:
+            m.tqdm = lambda *a, **k: tqdm_auto.tqdm(*a, **{**k, "disable": True})  # type: ignore[attr-defined]
         try:
             trainer.fit()
         finally:
-            trainer_mod.tqdm = orig
+            for m, o in zip(mods, orig, strict=True):
+                m.tqdm = o  # type: ignore[attr-defined]
     seconds = time.perf_counter() - t0
     dead = float(trainer.dead_neurons.float().mean())
     with tempfile.TemporaryDirectory() as d:

@@ -87,11 +87,22 @@ def test_run_study_end_to_end_gate_questions_and_resume(
     # the probe lens at every convergence layer, on the same matched pairs
     assert conv.probes is not None and conv.probes.domains == tuple(conv.layers[0].domains)
     assert [x.layer for x in conv.probes.layers] == [lc.layer for lc in conv.layers]
+    # the SAE lens: an SAE trained on the base at the analysis layer (cached by content), the
+    # domains' rising latents, the named ones steered beside random latents
+    lat = conv.latents
+    assert lat is not None and lat.layer == conv.analysis_layer
+    assert lat.domains == tuple(conv.layers[0].domains) and len(lat.pairs) == 1
+    assert len(list((tmp_path / "cache" / "saes").glob("*/lens.json"))) == 1
+    assert lat.named and lat.named[0].steer is not None and len(lat.random_steer) == 1
+    assert 0 <= lat.quality["dead_fraction"] <= 1 and "train_fvu" in lat.quality
+    assert conv.lenses.says["SAE latents"] in ("all pairs", "no pair")
     assert (tmp_path / "run" / "study.json").exists()
     report = write_report(study, tmp_path / "run")
-    assert "trigger-medical-s0" in report.read_text()
-    assert "probe lens" in report.read_text()
-    assert (tmp_path / "run" / "figures" / "probe_lens.png").exists()
+    text = report.read_text()
+    assert "trigger-medical-s0" in text and "probe lens" in text
+    assert "### SAE lens" in text and "### Three lenses" in text
+    for fig in ("probe_lens", "sae_lens", "three_lenses"):
+        assert (tmp_path / "run" / "figures" / f"{fig}.png").exists()
     assert any("T2/T5" in line for line in summary_lines(study))
 
     # a rerun (after Ctrl-C, to redraw the report, or into a new run folder) scores nothing
