@@ -526,7 +526,10 @@ def lens_section(c: ConvergenceReport, figs: dict[str, str]) -> list[str]:
         f"matched control, {lat.n_prompts} neutral prompts, 95% CI resampling seeds then prompts); "
         f"overlap and Spearman rho across domains against the larger of a sign-flip null and a "
         f"shuffled-latent null ({lat.n_null} draws each) at level 1 - 0.05/pairs; the seed-noise "
-        "organisms' overlap (control minus control of another seed) beside it.\n"
+        "organisms' overlap (control minus control of another seed) beside it. Two seeds of one "
+        "domain share "
+        + ", ".join(f"{c.domain} {c.seed_agreement:.1f}" for c in lat.changes)
+        + f" of their top {lat.top_k} (the ceiling a cross-domain overlap is read against).\n"
     )
     L.append("| pair | overlap | bar | p | rho | rho bar | seed-noise overlap | shared |")
     L.append("|---|---|---|---|---|---|---|---|")

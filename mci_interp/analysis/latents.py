@@ -70,6 +70,9 @@ class LatentChange:
     hi: Tensor
     above_base: Tensor
     top: tuple[int, ...]  # the rising latents, largest change first
+    # mean overlap of the top k between two seeds of this domain (NaN with one seed): the
+    # ceiling a cross-domain overlap is read against, as the seeds agree this much
+    seed_agreement: float = math.nan
 
     def estimate(self, j: int, n: int) -> Estimate:
         return Estimate(float(self.change[j]), float(self.lo[j]), float(self.hi[j]), n)
@@ -183,6 +186,7 @@ class LatentLens:
                 ]
                 for c in self.changes
             },
+            "seed_agreement": {c.domain: c.seed_agreement for c in self.changes},
             "pairs": [p.to_dict() for p in self.pairs],
             "named": [n.to_dict() for n in self.named],
             "named_shared": self.named_shared,
@@ -277,6 +281,11 @@ def latent_lens(
     for d in domains:
         mean = deltas[d].mean((0, 1))
         boots = _boot_means(deltas[d], n_boot, gen)
+        per_seed = deltas[d].mean(1)
+        agree = [
+            float(_overlap(per_seed[i], per_seed[j], top_k))
+            for i, j in itertools.combinations(range(per_seed.shape[0]), 2)
+        ]
         changes.append(
             LatentChange(
                 domain=d,
@@ -285,6 +294,7 @@ def latent_lens(
                 hi=torch.quantile(boots, 0.975, dim=0),
                 above_base=vs_base[d],
                 top=tuple(int(j) for j in mean.topk(top_k).indices),
+                seed_agreement=sum(agree) / len(agree) if agree else math.nan,
             )
         )
     by = {c.domain: c for c in changes}

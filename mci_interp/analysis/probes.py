@@ -16,14 +16,17 @@ scorer that knows only the prompt (``LinearProbe``'s prompt-identity baseline) i
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from mci_interp._io import read_json_verified, stable_hash, write_json
 from mci_interp.analysis.causal import rng
 from mci_interp.analysis.contrasts import MatchedPair
 from mci_interp.analysis.records import Record, acts_of
@@ -63,6 +66,16 @@ class ProbeCell:
             "p": self.p,
         }
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ProbeCell:
+        return cls(
+            str(d["train"]),
+            str(d["test"]),
+            Estimate.from_dict(d["auroc"]),
+            float(d["null95"]),
+            float(d["p"]),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ProbeLayer:
@@ -85,6 +98,16 @@ class ProbeLayer:
             "transfer_null95": self.transfer_null95,
             "transfer_p": self.transfer_p,
         }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ProbeLayer:
+        return cls(
+            layer=int(d["layer"]),
+            cells=tuple(ProbeCell.from_dict(c) for c in d["cells"]),
+            transfer=Estimate.from_dict(d["transfer"]),
+            transfer_null95=float(d["transfer_null95"]),
+            transfer_p=float(d["transfer_p"]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +141,17 @@ class ProbeLens:
             "transfers": self.transfers,
             "prompt_identity_auroc": PROMPT_IDENTITY_AUROC,
         }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ProbeLens:
+        """Back from ``to_dict`` (its derived keys are recomputed, not read)."""
+        return cls(
+            domains=tuple(d["domains"]),
+            layers=tuple(ProbeLayer.from_dict(x) for x in d["layers"]),
+            analysis_layer=int(d["analysis_layer"]),
+            n_folds=int(d["n_folds"]),
+            n_null=int(d["n_null"]),
+        )
 
 
 def _rows(pairs: Sequence[MatchedPair], base: Record, layer: int) -> tuple[Tensor, Tensor]:
@@ -179,9 +213,51 @@ def probe_lens(
     n_boot: int = 1000,
     C: float = 1.0,
     seed: int = 0,
+    cache_dir: Path | None = None,
 ) -> ProbeLens:
     """The probe lens (module docstring) over ``pairs`` (domain -> matched pairs per seed, all
-    recorded on the same prompts) at ``layers``."""
+    recorded on the same prompts) at ``layers``. With ``cache_dir`` it is stored there under
+    the hash of its inputs' bytes and settings, and read back instead of refitted (its ~300
+    fits per layer are most of a warm study's time)."""
+    settings = dict(
+        layers=sorted(set(layers) | {analysis_layer}),
+        analysis_layer=analysis_layer,
+        n_folds=n_folds,
+        n_null=n_null,
+        n_boot=n_boot,
+        C=C,
+        seed=seed,
+    )
+    path = None
+    if cache_dir is not None:
+        h = hashlib.sha256(stable_hash(settings | {"domains": sorted(pairs)}).encode())
+        for d in sorted(pairs):
+            for p in pairs[d]:
+                for rec in (p.organism, p.reference(base)):
+                    h.update(acts_of(rec).float().contiguous().numpy().tobytes())
+        path = Path(cache_dir) / f"probe-lens-{h.hexdigest()[:20]}.json"
+        if path.exists():
+            return ProbeLens.from_dict(
+                read_json_verified(path, fix=f"delete {path} to refit the probe lens")
+            )
+    lens = _probe_lens(pairs, base, **settings)  # type: ignore[arg-type]
+    if path is not None:
+        write_json(path, lens.to_dict())
+    return lens
+
+
+def _probe_lens(
+    pairs: Mapping[str, Sequence[MatchedPair]],
+    base: Record,
+    *,
+    layers: Sequence[int],
+    analysis_layer: int,
+    n_folds: int,
+    n_null: int,
+    n_boot: int,
+    C: float,
+    seed: int,
+) -> ProbeLens:
     domains = tuple(sorted(pairs))
     if len(domains) < 2:
         raise ValueError(f"the probe lens compares domains; got {list(domains)}")
@@ -200,7 +276,7 @@ def probe_lens(
             C=C,
             seed=seed,
         )
-        for layer in sorted(set(layers) | {analysis_layer})
+        for layer in layers
     ]
     return ProbeLens(
         domains=domains,

@@ -426,6 +426,7 @@ def _convergence(
         analysis_layer=L,
         n_null=cfg.n_random,
         seed=cfg.seed,
+        cache_dir=R.store.root / "lenses",
     )
     for d in domains:
         for x in contrast[d]:

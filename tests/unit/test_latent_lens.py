@@ -77,6 +77,7 @@ def test_a_shared_direction_is_found_by_all_three_lenses():
     lens = conv.latents
     assert lens is not None and lens.shares
     assert all(p.overlap >= 1 and p.overlap_p <= 1 - p.level for p in lens.pairs)
+    assert all(c.seed_agreement >= 2 for c in lens.changes)  # seeds agree on the shared latents
     # the named latent is the shared feature's, rising in every domain, read out by its decoder
     top = lens.named[0]
     assert lens.named_shared and set(top.domains) == set(s.domains)

@@ -84,3 +84,25 @@ def test_the_probe_lens_is_reproducible_covers_every_layer_and_serialises():
     assert a == _lens(1.0, 1.0, layers=[0], n_null=3).to_dict()
     assert [x["layer"] for x in a["layers"]] == [0, 1]  # the asked ones and the analysis layer
     assert a["prompt_identity_auroc"] == 0.5 and a["n_null"] == 3
+
+
+def test_the_probe_lens_is_stored_under_its_inputs_and_read_back(tmp_path, monkeypatch):
+    import mci_interp.analysis.probes as probes
+
+    pairs, base = _pairs(1.0, 1.0)
+    kw = {"layers": [1], "analysis_layer": 1, "n_null": 3, "n_boot": 50, "cache_dir": tmp_path}
+    first = probe_lens(pairs, base, **kw)
+    assert len(list(tmp_path.glob("probe-lens-*.json"))) == 1
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("refitted")
+
+    monkeypatch.setattr(probes, "_probe_layer", no_refit)
+    assert probe_lens(pairs, base, **kw).to_dict() == first.to_dict()
+    # other activations or other settings are another lens, never the stored one
+    pairs["a"][0].organism.acts[0, 1, 0] += 1.0
+    with pytest.raises(AssertionError, match="refitted"):
+        probe_lens(pairs, base, **kw)
+    pairs["a"][0].organism.acts[0, 1, 0] -= 1.0
+    with pytest.raises(AssertionError, match="refitted"):
+        probe_lens(pairs, base, **(kw | {"n_null": 4}))
