@@ -539,7 +539,10 @@ def lens_section(c: ConvergenceReport, figs: dict[str, str]) -> list[str]:
             f"{p.rho:+.3f} | {p.rho_bar:+.3f} | {p.seed_overlap:.0f} | {'yes' if p.shared else 'no'} |"
         )
     kind = (
-        "shared by two or more domains" if lat.named_shared else "each domain's top (none shared)"
+        "in the top k of two or more domains; whether such overlap beats chance is the pair test "
+        "above"
+        if lat.named_shared
+        else "each domain's top; no latent is in the top k of two domains"
     )
     L.append(f"\nNamed latents ({kind}):\n")
     doms = list(lat.domains)
