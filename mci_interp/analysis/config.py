@@ -43,7 +43,7 @@ class StudyConfig:
     # a domain's rising latents are its top ``sae_top_k``; the named latents are steered into
     # the base at ``sae_steer_alpha`` x the residual norm (0.5x already broke SmolLM2)
     sae_expansion: int = 4
-    sae_training_samples: int = 500_000
+    sae_training_samples: int = 1_000_000
     sae_corpus_per_domain: int = 40
     sae_top_k: int = 20
     sae_steer_alpha: float = 0.25

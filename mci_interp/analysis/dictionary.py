@@ -232,17 +232,22 @@ def default_sae_config(
     d_model: int, site: Site, *, model: str | None = None, training_samples: int, expansion: int
 ) -> SaeTrainConfig:
     """The study's SAE: BatchTopK, ``expansion`` x ``d_model`` latents, k = 16, a cosine lr from
-    3e-4 to 3e-5 (``sae_configs/smollm2_l15_batchtopk.yaml`` is this for SmolLM2)."""
+    1e-3 to 1e-4, latents silent for 100 steps revived by the auxiliary loss
+    (``sae_configs/smollm2_l15_batchtopk.yaml`` is this for SmolLM2). Sized on SmolLM2's layer
+    15 (26k corpus rows, 1M samples): lr 3e-4 and sae-lens' 1,000-step dead window (longer
+    than the run) left 91% of the latents dead and 0.54 of the held-out variance explained;
+    these settings 22% and 0.86."""
     return SaeTrainConfig(
         architecture="batchtopk",
         d_in=d_model,
         d_sae=expansion * d_model,
         k=16,
-        lr=3e-4,
-        lr_end=3e-5,
+        lr=1e-3,
+        lr_end=1e-4,
         lr_scheduler_name="cosineannealing",
         lr_warm_up_steps=100,
         batch_size=1024,
+        dead_feature_window=100,
         training_samples=training_samples,
         hook_name=site.hook_name,
         model=model,
@@ -303,7 +308,7 @@ def study_sae(
         if site is None:
             raise ValueError("an SAE trained here needs the site to train it at (site=...)")
         config = config or default_sae_config(
-            base.d_model, site, model=base.name, training_samples=500_000, expansion=4
+            base.d_model, site, model=base.name, training_samples=1_000_000, expansion=4
         )
         what = {"config": config.to_dict()}
         desc = (

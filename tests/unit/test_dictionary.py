@@ -99,3 +99,21 @@ def test_a_users_sae_is_read_at_its_own_site_and_refused_where_it_does_not_fit(
         study_sae(tiny_model, source=SaeSource(path=str(tmp_path / "wide")), corpus=exs)
     with pytest.raises(ValueError, match="release and sae_id"):
         SaeSource(release="gemma-scope")
+
+
+def test_the_packaged_smollm2_sae_config_is_the_studys_default():
+    from pathlib import Path
+
+    from mci_interp.analysis.config import StudyConfig
+    from mci_interp.extract.sae import SaeTrainConfig
+
+    path = Path(__file__).resolve().parents[2] / "sae_configs" / "smollm2_l15_batchtopk.yaml"
+    cfg = StudyConfig()
+    default = default_sae_config(
+        576,
+        Site(15),
+        model="smollm2-135m-instruct",
+        training_samples=cfg.sae_training_samples,
+        expansion=cfg.sae_expansion,
+    )
+    assert SaeTrainConfig.from_yaml(path) == default
