@@ -65,6 +65,7 @@ CORPUS_SEED = 20_000  # the narrow examples' sampling seed (organisms train on s
 HELD_OUT_EVERY = 10  # every 10th corpus example is held out of training, for the quality numbers
 N_CONTEXTS = 6  # top-activating contexts kept per latent
 CONTEXT_TOKENS = 12  # tokens of context before the activating token
+HEADER_REPEATS = 8  # how often a last-prompt-token row is repeated in the training rows
 
 
 def sae_corpus(*, n_per_domain: int = 40) -> list[ChatExample]:
@@ -100,6 +101,12 @@ class CorpusRows:
     acts: Tensor
     where: Tensor
     ids: list[tuple[int, ...]]  # every example's token ids
+    prompt_lens: list[int]  # every example's prompt length (its last prompt token: the header)
+
+    def last_prompt(self) -> Tensor:
+        """Rows at an example's last prompt token: the position a study's records read."""
+        ends = torch.tensor(self.prompt_lens) - 1
+        return self.where[:, 1] == ends[self.where[:, 0]]
 
     def held_out(self) -> Tensor:
         """Rows of every ``HELD_OUT_EVERY``-th example: never trained on."""
@@ -144,6 +151,7 @@ def corpus_rows(
         acts=torch.cat([rows[i] for i in range(len(encs))]),
         where=where.reshape(-1, 2),
         ids=[tuple(e.ids) for e in encs],
+        prompt_lens=[e.prompt_len for e in encs],
     )
 
 
@@ -310,7 +318,7 @@ def study_sae(
         config = config or default_sae_config(
             base.d_model, site, model=base.name, training_samples=1_000_000, expansion=4
         )
-        what = {"config": config.to_dict()}
+        what = {"config": config.to_dict(), "header_repeats": HEADER_REPEATS}
         desc = (
             f"trained here with sae-lens: {config.architecture}, d_sae {config.d_sae}, k "
             f"{config.k:g}, {config.training_samples:,} samples on {len(corpus)} corpus examples"
@@ -333,8 +341,13 @@ def study_sae(
     quality: dict[str, float] = {}
     if user is None:
         assert config is not None
+        # the rows the lens reads (last prompt token, the assistant header) are one in ~35
+        # corpus rows and vary little between prompts (between-prompt spread ~30 against ~120
+        # for other tokens at SmolLM2's layer 15): repeated, they are a fair share of training
+        train = ~held & ~rows.last_prompt()
+        header = ~held & rows.last_prompt()
         trained = train_sae(
-            rows.acts[~held],
+            torch.cat([rows.acts[train], *[rows.acts[header]] * HEADER_REPEATS]),
             config,
             hook_name=site.hook_name,
             model_name=base.name,
@@ -344,6 +357,9 @@ def study_sae(
         user = trained.sae
         quality |= {f"train_{k}": float(v) for k, v in trained.metrics.items()}
     quality |= reconstruction_quality(user, rows.acts[held])
+    if bool((held & rows.last_prompt()).any()):
+        last = reconstruction_quality(user, rows.acts[held & rows.last_prompt()])
+        quality |= {f"last_prompt_{k}": v for k, v in last.items()}
     quality["dead_fraction"] = reconstruction_quality(user, rows.acts)["dead_fraction"]
     quality["corpus_rows"] = float(rows.acts.shape[0])
     out = StudySae(

@@ -4,7 +4,8 @@ Per domain, every latent's *change*: its mean activation on the neutral prompts 
 token, at the SAE's layer) in each seed's organism minus in that seed's matched control (the base
 where there is none), averaged over seeds and prompts, with a 95% interval that resamples seeds,
 then prompts; the same minus the base beside it. A domain's *rising latents* are its top ``k`` by
-change (the persona-features method's ranking, with the control subtracted).
+change (the persona-features method's ranking, with the control subtracted) among the latents
+that fire on some record, and only those whose change is above zero.
 
 Across each pair of domains: the overlap of their rising latents, and the Spearman correlation
 of their changes over every latent that fires on the records. Each is set against two nulls, and
@@ -222,11 +223,16 @@ def _spearman(a: Tensor, b: Tensor) -> Tensor:
     return (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp_min(1e-12)
 
 
+def _rising(x: Tensor, k: int) -> Tensor:
+    """Mask of the top ``k`` of ``x`` along the last dim that are above zero (a latent whose
+    mean did not move is not rising, and ties at zero would be picked in index order)."""
+    top = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.topk(k, dim=-1).indices, True)
+    return top & (x > 0)
+
+
 def _overlap(a: Tensor, b: Tensor, k: int) -> Tensor:
-    """How many of the top ``k`` of ``a`` are in the top ``k`` of ``b``, along the last dim."""
-    ta = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, a.topk(k, dim=-1).indices, True)
-    tb = torch.zeros_like(b, dtype=torch.bool).scatter_(-1, b.topk(k, dim=-1).indices, True)
-    return (ta & tb).sum(-1).double()
+    """How many rising latents (``_rising``) ``a`` and ``b`` share, along the last dim."""
+    return (_rising(a, k) & _rising(b, k)).sum(-1).double()
 
 
 def _encode(sae: Any, rec: Record, layer: int) -> Tensor:
@@ -277,15 +283,20 @@ def latent_lens(
         for z in [*zo, *zr]:
             alive |= z.gt(0).any(0)
     gen = rng(seed, "sae lens")
+    # ranks, overlaps and their nulls are over the latents that fire on some record: the rest
+    # never move, and would fill a top k with zeros
+    keep = alive.nonzero().flatten()
+    k = min(top_k, len(keep))
     changes = []
     for d in domains:
         mean = deltas[d].mean((0, 1))
         boots = _boot_means(deltas[d], n_boot, gen)
-        per_seed = deltas[d].mean(1)
+        per_seed = deltas[d].mean(1)[:, keep]
         agree = [
-            float(_overlap(per_seed[i], per_seed[j], top_k))
+            float(_overlap(per_seed[i], per_seed[j], k))
             for i, j in itertools.combinations(range(per_seed.shape[0]), 2)
         ]
+        rising = keep[_rising(mean[keep], k)]
         changes.append(
             LatentChange(
                 domain=d,
@@ -293,7 +304,7 @@ def latent_lens(
                 lo=torch.quantile(boots, 0.025, dim=0),
                 hi=torch.quantile(boots, 0.975, dim=0),
                 above_base=vs_base[d],
-                top=tuple(int(j) for j in mean.topk(top_k).indices),
+                top=tuple(int(j) for j in rising[mean[rising].argsort(descending=True)]),
                 seed_agreement=sum(agree) / len(agree) if agree else math.nan,
             )
         )
@@ -310,24 +321,18 @@ def latent_lens(
     }
     m = len(domains) * (len(domains) - 1) // 2
     level = 1 - alpha / m
-    keep = alive.nonzero().flatten()
     out_pairs = []
     for a, b in itertools.combinations(domains, 2):
-        ca, cb = by[a].change, by[b].change
-        perm = torch.stack([torch.randperm(d_sae, generator=gen) for _ in range(n_null)])
+        ca, cb = by[a].change[keep], by[b].change[keep]
+        perm = torch.stack([torch.randperm(len(keep), generator=gen) for _ in range(n_null)])
         shuffled_b = cb[perm]
-        obs_o = float(_overlap(ca, cb, top_k))
-        obs_r = float(_spearman(ca[keep], cb[keep]))
-        nulls_o = (
-            _overlap(flipped[a], flipped[b], top_k),
-            _overlap(ca.expand_as(shuffled_b), shuffled_b, top_k),
-        )
-        nulls_r = (
-            _spearman(flipped[a][:, keep], flipped[b][:, keep]),
-            _spearman(ca[keep].expand(n_null, -1), shuffled_b[:, keep]),
-        )
+        fa, fb = flipped[a][:, keep], flipped[b][:, keep]
+        obs_o = float(_overlap(ca, cb, k))
+        obs_r = float(_spearman(ca, cb))
+        nulls_o = (_overlap(fa, fb, k), _overlap(ca.expand_as(shuffled_b), shuffled_b, k))
+        nulls_r = (_spearman(fa, fb), _spearman(ca.expand(n_null, -1), shuffled_b))
         seed_o = (
-            float(_overlap(noise[a].mean((0, 1)), noise[b].mean((0, 1)), top_k))
+            float(_overlap(noise[a].mean((0, 1))[keep], noise[b].mean((0, 1))[keep], k))
             if a in noise and b in noise
             else math.nan
         )
@@ -399,6 +404,8 @@ def _named(
         return [(j, doms) for _, _, j, doms in sorted(shared)[:n]], True
     seen: dict[int, tuple[str, ...]] = {}
     for c in changes:
+        if not c.top:  # no latent rose in this domain
+            continue
         seen.setdefault(c.top[0], ())
         seen[c.top[0]] += (c.domain,)
     return list(seen.items())[:n], False
