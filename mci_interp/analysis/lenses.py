@@ -167,17 +167,17 @@ def _carried_by(report: ConvergenceReport, says: dict[str, str]) -> str:
     """Which lens the verdict rests on, and whether the others back it."""
     v = report.verdict.split(" (")[0]
     others = {k: s for k, s in says.items() if k != LENSES[0] and s != "not measured"}
-    backing = "; ".join(f"the {k} lens finds {s} shared" for k, s in others.items())
+    backing = "; ".join(f"{k} lens: {s} shared" for k, s in others.items())
     transfer = report.transfer is not None and bool(report.transfer.testable(report.removable))
     base = "the difference-of-means lens (contrast cosines" + (
-        " and the transfer matrix)" if transfer else "; no transfer could be tested)"
+        " and transfer)" if transfer else "; transfer untestable)"
     )
     if v == "not converged":
         found = [k for k, s in says.items() if s in ("all pairs", "some pairs")]
         if not found:
-            return f"{v}: no lens finds a shared direction ({base}; {backing})"
+            return f"{v}: no lens finds a shared direction. Read from {base}; {backing}"
         return (
-            f"{v}: read from {base}, but the {' and '.join(found)} lens finds some shared: the "
-            f"lenses disagree ({backing})"
+            f"{v}: read from {base}, but the {' and '.join(found)} lens finds some pair shared: "
+            f"the lenses disagree ({backing})"
         )
     return f"{v}: carried by {base}; {backing}" if backing else f"{v}: carried by {base}"
