@@ -47,6 +47,7 @@ from mci_interp.analysis.contrasts import MatchedPair
 from mci_interp.analysis.dictionary import StudySae, reconstruction_quality
 from mci_interp.analysis.records import Record, acts_of
 from mci_interp.analysis.steering import steering
+from mci_interp.compare import cosine
 from mci_interp.direction import Direction
 from mci_interp.extract.sae import encode_rows
 from mci_interp.stats import (
@@ -366,8 +367,8 @@ def latent_lens(
                 change={d: by[d].estimate(j, n_prompts) for d in domains},
                 above_base={d: float(by[d].above_base[j]) for d in domains},
                 contexts=tuple(sae.contexts[j]) if j < len(sae.contexts) else (),
-                contrast_cos={d: _cos(dec[j], v) for d, v in (contrasts or {}).items()},
-                persona_cos=math.nan if persona is None else _cos(dec[j], persona),
+                contrast_cos={d: cosine(dec[j], v) for d, v in (contrasts or {}).items()},
+                persona_cos=math.nan if persona is None else cosine(dec[j], persona),
             )
             for j, doms in named
         ),
@@ -381,10 +382,6 @@ def latent_lens(
         n_alive=int(alive.sum()),
         n_null=n_null,
     )
-
-
-def _cos(a: Tensor, b: Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1))
 
 
 def _named(
