@@ -117,3 +117,18 @@ def test_the_packaged_smollm2_sae_config_is_the_studys_default():
         expansion=cfg.sae_expansion,
     )
     assert SaeTrainConfig.from_yaml(path) == default
+
+
+def test_the_study_sae_of_a_bf16_model_trains_in_float32_on_its_device(tiny_dir, tmp_path):
+    from mci_interp.models import load_model
+
+    model = load_model(str(tiny_dir), dtype="bfloat16")
+    site = Site(1)
+    cfg = default_sae_config(
+        model.d_model, site, model=model.name, training_samples=2048, expansion=2
+    ).replace(batch_size=256)
+    s = study_sae(
+        model, site, config=cfg, corpus=sae_corpus(n_per_domain=1)[:30], cache_dir=tmp_path
+    )
+    assert s.sae.W_dec.dtype == torch.float32 and s.sae.W_dec.device == model.device
+    assert all(v == v for v in s.quality.values())  # no NaN from bf16 rows
