@@ -115,6 +115,7 @@ def cmd_demo(args) -> int:
 
     t_all = time.perf_counter()
     config = _study_config(args)  # bad settings fail now, not after the organisms are built
+    _sae_source(args)
     model = load_model_from_args(args)
     print(
         f"[1/3] organisms: building or reusing {args.domains} x seeds {args.seeds}", file=sys.stderr
@@ -164,6 +165,7 @@ def cmd_converge(args) -> int:
 
     t_all = time.perf_counter()
     config = _study_config(args)
+    _sae_source(args)  # bad SAE flags fail before any model loads
     narrow = _checkpoints(args.finetune, "narrow")
     control = _checkpoints(args.control, "control")
     labels = sorted({o.domain for o in narrow})

@@ -161,3 +161,8 @@ def test_bad_study_settings_fail_before_any_model_loads(monkeypatch, capsys):
     assert "n_random must be an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="n_questions"):
         StudyConfig(n_questions=0)
+    # SAE flags that contradict each other, or a registry SAE without its id
+    assert cli.main(["demo", "--no-sae", "--sae", "my_sae"]) == 2
+    assert "--no-sae leaves the SAE lens out" in capsys.readouterr().err
+    assert cli.main(["converge", "--sae-release", "gemma-scope"]) == 2
+    assert "needs both release and sae_id" in capsys.readouterr().err
