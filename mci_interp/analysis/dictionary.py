@@ -44,6 +44,7 @@ from mci_interp.extract.sae import (
     encode_rows,
     load_pretrained_sae,
     load_sae,
+    reconstruction_quality,
     sae_site,
     train_sae,
 )
@@ -153,25 +154,6 @@ def corpus_rows(
         ids=[tuple(e.ids) for e in encs],
         prompt_lens=[e.prompt_len for e in encs],
     )
-
-
-@torch.no_grad()
-def reconstruction_quality(sae: Any, X: Float[Tensor, "rows d"]) -> dict[str, float]:
-    """How well ``sae`` reconstructs rows ``X``: ``explained_variance`` (1 - reconstruction error
-    over the rows' variance about their mean), ``l0`` (mean active latents per row) and
-    ``dead_fraction`` (latents that fire on none of the rows)."""
-    z = encode_rows(sae, X)
-    recon = sae.decode(z).float().cpu()
-    x = X.float().cpu()
-    err = ((recon - x) ** 2).sum(1).mean()
-    var = ((x - x.mean(0)) ** 2).sum(1).mean().clamp_min(1e-12)
-    active = z > 0
-    return {
-        "explained_variance": float(1 - err / var),
-        "l0": float(active.float().sum(1).mean()),
-        "dead_fraction": float(1 - active.any(0).float().mean()),
-        "rows": float(x.shape[0]),
-    }
 
 
 @torch.no_grad()
@@ -360,16 +342,11 @@ def study_sae(
     if bool((held & rows.last_prompt()).any()):
         last = reconstruction_quality(user, rows.acts[held & rows.last_prompt()])
         quality |= {f"last_prompt_{k}": v for k, v in last.items()}
-    quality["dead_fraction"] = reconstruction_quality(user, rows.acts)["dead_fraction"]
+    contexts = top_contexts(user, rows, base.tokenizer)
+    # a latent with no context never fired on the corpus
+    quality["dead_fraction"] = sum(not c for c in contexts) / len(contexts)
     quality["corpus_rows"] = float(rows.acts.shape[0])
-    out = StudySae(
-        sae=user,
-        site=site,
-        source=desc,
-        quality=quality,
-        contexts=top_contexts(user, rows, base.tokenizer),
-        key=key,
-    )
+    out = StudySae(sae=user, site=site, source=desc, quality=quality, contexts=contexts, key=key)
     _save(out, folder, trained_here=source.path is None and source.release is None)
     return out
 

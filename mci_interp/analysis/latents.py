@@ -44,12 +44,12 @@ from torch import Tensor
 
 from mci_interp.analysis.causal import CausalScorer, rng
 from mci_interp.analysis.contrasts import MatchedPair
-from mci_interp.analysis.dictionary import StudySae, reconstruction_quality
+from mci_interp.analysis.dictionary import StudySae
 from mci_interp.analysis.records import Record, acts_of
 from mci_interp.analysis.steering import steering
 from mci_interp.compare import cosine
 from mci_interp.direction import Direction
-from mci_interp.extract.sae import encode_rows
+from mci_interp.extract.sae import encode_rows, reconstruction_quality
 from mci_interp.stats import (
     Estimate,
     empirical_p_value,

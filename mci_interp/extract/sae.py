@@ -38,7 +38,10 @@ from mci_interp.extract.sae_train import (
     ARCHITECTURES,
     SaeTrainConfig,
     TrainedSae,
+    _sae_place,
     activation_batches,
+    encode_rows,
+    reconstruction_quality,
     resolve_config,
     train_sae,
 )
@@ -60,6 +63,7 @@ __all__ = [
     "encode_rows",
     "load_pretrained_sae",
     "load_sae",
+    "reconstruction_quality",
     "resolve_config",
     "sae_hook_name",
     "sae_site",
@@ -185,22 +189,6 @@ def check_sae_fits(
 
 
 # --- encoding ------------------------------------------------------------------------------------
-def _sae_place(sae: Any) -> tuple[torch.device, torch.dtype]:
-    w = sae.W_dec
-    return w.device, w.dtype
-
-
-@torch.no_grad()
-def encode_rows(sae: Any, X: Tensor, *, batch_size: int = 4096) -> Tensor:
-    """SAE latent activations of rows, ``[rows, d_sae]``, on the SAE's device in its dtype."""
-    dev, dt = _sae_place(sae)
-    parts = [
-        sae.encode(X[start : start + batch_size].to(device=dev, dtype=dt))
-        for start in range(0, X.shape[0], batch_size)
-    ]
-    return torch.cat(parts)
-
-
 @torch.no_grad()
 def encode_mean(sae: Any, X: Tensor, *, batch_size: int = 4096) -> Tensor:
     """Mean SAE latent activation over rows, ``[d_sae]`` float64 on the CPU. Rows are encoded on

@@ -1,4 +1,5 @@
-"""Training a sparse autoencoder with sae-lens on cached activation rows (no model re-run).
+"""Training a sparse autoencoder with sae-lens on cached activation rows (no model re-run), and
+the encoding and reconstruction measures that training and the study share.
 
 The loop is sae-lens' ``SAETrainer``; this module only feeds it shuffled batches from a tensor
 and turns the result into sae-lens' inference form. It trains on the activations' device unless
@@ -109,6 +110,43 @@ def resolve_config(config: SaeTrainConfig | Mapping[str, Any] | str | Path) -> S
     if isinstance(config, Mapping):
         return SaeTrainConfig.from_dict(config)
     return SaeTrainConfig.from_yaml(config)
+
+
+# --- encoding ------------------------------------------------------------------------------------
+def _sae_place(sae: Any) -> tuple[torch.device, torch.dtype]:
+    w = sae.W_dec
+    return w.device, w.dtype
+
+
+@torch.no_grad()
+def encode_rows(sae: Any, X: Tensor, *, batch_size: int = 4096) -> Tensor:
+    """SAE latent activations of rows, ``[rows, d_sae]``, on the SAE's device in its dtype."""
+    dev, dt = _sae_place(sae)
+    parts = [
+        sae.encode(X[start : start + batch_size].to(device=dev, dtype=dt))
+        for start in range(0, X.shape[0], batch_size)
+    ]
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def reconstruction_quality(sae: Any, X: Float[Tensor, "rows d_in"]) -> dict[str, float]:
+    """How well ``sae`` reconstructs rows ``X``: ``mse`` (squared error per row),
+    ``explained_variance`` (1 - that error over the rows' variance about their mean), ``l0``
+    (mean active latents per row) and ``dead_fraction`` (latents that fire on none of the rows)."""
+    z = encode_rows(sae, X)
+    recon = sae.decode(z).float().cpu()
+    x = X.float().cpu()
+    err = ((recon - x) ** 2).sum(1).mean()
+    var = ((x - x.mean(0)) ** 2).sum(1).mean().clamp_min(1e-12)
+    active = z > 0
+    return {
+        "mse": float(err),
+        "explained_variance": float(1 - err / var),
+        "l0": float(active.float().sum(1).mean()),
+        "dead_fraction": float(1 - active.any(0).float().mean()),
+        "rows": float(x.shape[0]),
+    }
 
 
 def activation_batches(
@@ -230,22 +268,15 @@ def train_sae(
     with tempfile.TemporaryDirectory() as d:
         sae.save_inference_model(d)
         inf = SAE.load_from_disk(d, device=str(dev))
-    with torch.no_grad():
-        probe = x[: min(4096, x.shape[0])].to(device=dev, dtype=wdtype)
-        feats = inf.encode(probe)
-        recon = inf.decode(feats).float()
-        probe = probe.float()
-        mse = float(((recon - probe) ** 2).sum(1).mean())
-        fvu = mse / float(((probe - probe.mean(0)) ** 2).sum(1).mean().clamp_min(1e-12))
-        l0 = float((feats > 0).float().sum(1).mean())
+    q = reconstruction_quality(inf, x[: min(4096, x.shape[0])].to(wdtype))
     metrics = {
         "seconds": seconds,
         "samples_per_s": cfg.training_samples / max(seconds, 1e-9),
         "steps": float(trainer.n_training_steps),
         "dead_fraction": dead,
-        "l0": l0,
-        "fvu": fvu,
-        "mse": mse,
+        "l0": q["l0"],
+        "fvu": 1 - q["explained_variance"],
+        "mse": q["mse"],
     }
     log.info(
         "trained SAE d_sae=%d on %d rows (%s, %s): %s", cfg.d_sae, x.shape[0], dev, wdtype, metrics

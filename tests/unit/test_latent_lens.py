@@ -12,12 +12,12 @@ import pytest
 
 from mci_interp.analysis import contrasts
 from mci_interp.analysis.convergence import ConvergenceReport, verdict
-from mci_interp.analysis.dictionary import StudySae, reconstruction_quality
+from mci_interp.analysis.dictionary import StudySae
 from mci_interp.analysis.latents import latent_lens
 from mci_interp.analysis.lenses import three_lenses
 from mci_interp.analysis.probes import probe_lens
 from mci_interp.analysis.simulate import planted_study
-from mci_interp.extract.sae import SaeTrainConfig, train_sae
+from mci_interp.extract.sae import SaeTrainConfig, reconstruction_quality, train_sae
 from mci_interp.sites import Site
 from mci_interp.stats import Estimate
 
